@@ -1,0 +1,294 @@
+"""The DiT velocity estimator of the CosyVoice3 flow (upstream ``cosyvoice/flow/DiT``).
+
+This file owns the estimator ``v(x, mask, mu, t, spks, cond)`` that the CFM Euler solver in
+:mod:`worker.flow` calls: time embedding, input embedding (projection + causal conv position
+embedding), ``depth`` AdaLN-zero transformer blocks with RoPE, the final AdaLN and projection.
+Submodule names follow the released ``flow.pt`` keys under ``decoder.estimator.``.
+
+Numerics follow upstream op for op, including its quirks:
+- RoPE (x_transformers, interleaved pairs) is applied to q/k of width ``heads * dim_head``
+  *before* the head split, so only channels ``0..dim_head-1`` (head 0) are rotated.
+- The time embedding is ``sin/cos(1000 * t * freq)``; the final norm chunks into (scale, shift).
+- ``streaming=True`` is block-causal attention: query i sees key j iff
+  ``j < (i // static_chunk_size + 1) * static_chunk_size``.
+
+Attention is split into separable steps (``Attention.project`` -> :func:`apply_rotary` with
+angles for explicit positions (``RotaryEmbedding.angles``) -> :func:`attend` ->
+``Attention.to_out``), so an incremental per-block step can keep K/V of finished blocks as
+plain tensors and reuse everything else.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.config import DiTConfig
+
+TIME_FREQ_DIM = 256  # sinusoidal time features before the time MLP
+POS_CONV_KERNEL = 31
+POS_CONV_GROUPS = 16
+ROPE_BASE = 10000.0
+NORM_EPS = 1e-6
+
+
+def rope_inv_freq(dim_head: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(dim_head//2,) ``1 / 10000^(arange(0, d, 2) / d)``, as x_transformers computes it."""
+    return 1.0 / (ROPE_BASE ** (torch.arange(0, dim_head, 2, device=device).float() / dim_head))
+
+
+def block_causal_mask(size: int, block: int, device: torch.device | None = None) -> torch.Tensor:
+    """(size, size) bool: query i sees key j iff ``j < (i // block + 1) * block``."""
+    pos = torch.arange(size, device=device)
+    block_end = (torch.div(pos, block, rounding_mode="trunc") + 1) * block
+    return pos.unsqueeze(0) < block_end.unsqueeze(1)
+
+
+def attention_mask(mask: torch.Tensor, block: int) -> torch.Tensor | None:
+    """Boolean SDPA mask from the padding mask (B, 1, T), as upstream ``add_optional_chunk_mask``
+    with all left chunks (``block=0``: full attention). Without padding this is None (full) or
+    a broadcast (1, 1, T, T) block-causal mask, which SDPA computes bit-identically to
+    upstream's (B, 1, T, T) copies; with padding it is upstream's (B, 1, T, T)."""
+    valid = mask.bool()  # (B, 1, T)
+    T = valid.shape[-1]
+    if bool(valid.all()):
+        return None if block <= 0 else block_causal_mask(T, block, valid.device)[None, None]
+    if block > 0:
+        m = valid & block_causal_mask(T, block, valid.device).unsqueeze(0)  # (B, T, T)
+    else:
+        m = valid  # (B, 1, T)
+    empty = m.sum(dim=-1) == 0  # upstream lets a query that sees nothing see everything
+    if empty.any():
+        m = m.clone()
+        m[empty] = True
+    if block <= 0:
+        m = m.repeat(1, T, 1)  # (B, T, T)
+    return m.unsqueeze(1)  # (B, 1, T, T)
+
+
+def sinusoidal_time(t: torch.Tensor, dim: int = TIME_FREQ_DIM, scale: float = 1000) -> torch.Tensor:
+    """(B,) -> (B, dim): ``cat(sin, cos)(scale * t * exp(-ln(1e4) * i / (dim/2 - 1)))``."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freq = torch.exp(torch.arange(half, device=t.device).float() * -step)  # (half,)
+    arg = scale * t.unsqueeze(1) * freq.unsqueeze(0)  # (B, half)
+    return torch.cat((arg.sin(), arg.cos()), dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.time_mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, dim)
+        return self.time_mlp(sinusoidal_time(t).to(t.dtype))
+
+
+class CausalConvPositionEmbedding(nn.Module):
+    """Two left-padded grouped convs with Mish; depends on the last 2*(k-1) frames only."""
+
+    def __init__(self, dim: int, kernel_size: int = POS_CONV_KERNEL, groups: int = POS_CONV_GROUPS):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv1 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups), nn.Mish())
+        self.conv2 = nn.Sequential(nn.Conv1d(dim, dim, kernel_size, groups=groups), nn.Mish())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        h = x.permute(0, 2, 1)  # (B, D, T)
+        h = self.conv1(F.pad(h, (self.kernel_size - 1, 0)))
+        h = self.conv2(F.pad(h, (self.kernel_size - 1, 0)))
+        return h.permute(0, 2, 1)
+
+
+class InputEmbedding(nn.Module):
+    def __init__(self, mel_dim: int, mu_dim: int, spk_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(2 * mel_dim + mu_dim + spk_dim, dim)
+        self.conv_pos_embed = CausalConvPositionEmbedding(dim)
+
+    def forward(
+        self, x: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, spks: torch.Tensor
+    ) -> torch.Tensor:
+        # x, cond: (B, T, mel); mu: (B, T, mu); spks: (B, spk) -> (B, T, D)
+        spks = spks.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, T, spk)
+        h = self.proj(torch.cat((x, cond, mu, spks), dim=-1))
+        return self.conv_pos_embed(h) + h
+
+
+class RotaryEmbedding(nn.Module):
+    """x_transformers ``RotaryEmbedding(dim_head)``: the ``inv_freq`` buffer is in flow.pt."""
+
+    def __init__(self, dim_head: int):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(dim_head))  # (dim_head//2,)
+
+    def angles(self, positions: torch.Tensor) -> torch.Tensor:
+        """(T,) integer positions -> (T, dim_head) angles, each frequency repeated for its
+        interleaved pair: [p*f0, p*f0, p*f1, p*f1, ...]."""
+        freqs = positions.to(self.inv_freq.dtype).unsqueeze(1) * self.inv_freq  # (T, dim_head/2)
+        return torch.stack((freqs, freqs), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``angles.shape[-1]`` channels of x (B, T, C) by angles (T, r) in
+    interleaved pairs: y[2i] = x[2i] cos - x[2i+1] sin, y[2i+1] = x[2i+1] cos + x[2i] sin."""
+    r = angles.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    pairs = rot.unflatten(-1, (r // 2, 2))  # (B, T, r/2, 2)
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (B, T, r)
+    rot = rot * angles.cos() + swapped * angles.sin()
+    return torch.cat((rot, rest), dim=-1)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """q (B, Tq, H*Dh), k/v (B, Tk, H*Dh), bool mask (B|1, 1, Tq, Tk) or None (all visible)
+    -> (B, Tq, H*Dh)."""
+    B = q.shape[0]
+    dh = k.shape[-1] // heads
+    q = q.view(B, -1, heads, dh).transpose(1, 2)  # (B, H, Tq, Dh)
+    k = k.view(B, -1, heads, dh).transpose(1, 2)  # (B, H, Tk, Dh)
+    v = v.view(B, -1, heads, dh).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, Tq, Dh)
+    return out.transpose(1, 2).reshape(B, -1, heads * dh)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        self.heads = heads
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # key "to_out.0" (1 was dropout)
+
+    def project(self, x: torch.Tensor, angles: torch.Tensor):
+        """x (B, T, D), angles (T, dim_head) -> roped q, roped k, v, each (B, T, H*Dh)."""
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        return apply_rotary(q, angles), apply_rotary(k, angles), v
+
+    def forward(
+        self, x: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        q, k, v = self.project(x, angles)
+        out = self.to_out[0](attend(q, k, v, self.heads, mask))  # (B, T, D)
+        if mask is None:
+            return out
+        # upstream zeroes rows by the last query's mask row (a no-op for unpadded input)
+        return out.masked_fill(~mask[:, 0, -1].unsqueeze(-1), 0.0)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        inner = dim * mult
+        # keys ff.0.0 / ff.2; index 1 was dropout (identity in eval)
+        self.ff = nn.Sequential(
+            nn.Sequential(nn.Linear(dim, inner), nn.GELU(approximate="tanh")),
+            nn.Identity(),
+            nn.Linear(inner, dim),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ff(x)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN: LayerNorm(x) (no affine, eps 1e-6) * (1 + scale) + shift; x (B, T, D), rest (B, D)."""
+    return F.layer_norm(x, x.shape[-1:], eps=NORM_EPS) * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLayerNormZero(nn.Module):
+    """SiLU(t) -> Linear(D, 6D) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+    gate_mlp (in that order); norm is LayerNorm without affine, eps 1e-6."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (B, D) -> 6 x (B, D)
+        return torch.chunk(self.linear(F.silu(t)), 6, dim=1)
+
+
+class AdaLayerNormZeroFinal(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        scale, shift = torch.chunk(self.linear(F.silu(t)), 2, dim=1)  # (B, D) each: scale first
+        return modulate(x, shift, scale)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, dim_head: int, ff_mult: int):
+        super().__init__()
+        self.attn_norm = AdaLayerNormZero(dim)
+        self.attn = Attention(dim, heads, dim_head)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        # x (B, T, D), t (B, D), angles (T, dim_head), mask (B|1, 1, T, T) bool or None
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(t)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(x, shift_msa, scale_msa), angles, mask)
+        h = modulate(x, shift_mlp, scale_mlp)
+        return x + gate_mlp.unsqueeze(1) * self.ff(h)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.time_embed = TimestepEmbedding(cfg.dim)
+        self.input_embed = InputEmbedding(cfg.mel_dim, cfg.mu_dim, cfg.spk_dim, cfg.dim)
+        self.rotary_embed = RotaryEmbedding(cfg.dim_head)
+        self.transformer_blocks = nn.ModuleList(
+            DiTBlock(cfg.dim, cfg.heads, cfg.dim_head, cfg.ff_mult) for _ in range(cfg.depth)
+        )
+        self.norm_out = AdaLayerNormZeroFinal(cfg.dim)
+        self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
+
+    def embed(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x/mu/cond (B, 80, T), t (B,) or (), spks (B, 80) -> h (B, T, D), t_emb (B, D)."""
+        if t.ndim == 0:
+            t = t.repeat(x.shape[0])
+        t_emb = self.time_embed(t)
+        h = self.input_embed(x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks)
+        return h, t_emb
+
+    def head(self, h: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """h (B, T, D) -> velocity (B, 80, T)."""
+        return self.proj_out(self.norm_out(h, t_emb)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+        streaming: bool = False,
+    ) -> torch.Tensor:
+        # x, mu, cond: (B, 80, T); mask: (B, 1, T); t: (B,); spks: (B, 80) -> (B, 80, T)
+        h, t_emb = self.embed(x, mu, t, spks, cond)
+        T = h.shape[1]
+        angles = self.rotary_embed.angles(torch.arange(T, device=h.device))  # (T, dim_head)
+        attn_mask = attention_mask(mask, self.cfg.static_chunk_size if streaming else 0)
+        for block in self.transformer_blocks:
+            h = block(h, t_emb, angles, attn_mask)
+        return self.head(h, t_emb)

@@ -1,0 +1,292 @@
+"""The CosyVoice3 LLM: a Qwen2 decoder with a static KV cache and the speech head.
+
+gpt-fast style: plain modules, one explicit :class:`KVCache` per layer with preallocated
+buffers, ``setup_caches(max_batch, max_seq)`` sizes them once, ``forward(embeds, input_pos,
+slots)`` runs prefill (T > 1) or one decode step (T == 1) for several sequences at once.
+Each sequence owns a cache *slot* (a row of the buffers), so concurrent requests at different
+positions decode in one batched step.
+
+The Qwen2 text ``lm_head`` (151,936 x 896) is never loaded or computed: only the speech head
+(``llm_decoder``, 6761 logits) is. Checkpoint keys ``llm.model.model.*`` map onto this module
+1:1 minus the prefix; ``llm.model.lm_head.weight`` stays untouched in the mmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worker.checkpoint import assign_state_dict, check_state_dict, load_state_dict_file
+from worker.config import LLMConfig
+from worker.sampling import sampling_ids
+
+_QWEN_PREFIX = "llm.model.model."
+_LM_HEAD = "llm.model.lm_head.weight"
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch: int, n_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (max_batch, n_kv, max_seq, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(
+        self, input_pos: Tensor, k: Tensor, v: Tensor, slots: Tensor | None, kv_len: int
+    ) -> tuple[Tensor, Tensor]:
+        # input_pos: (B, T); k, v: (B, n_kv, T, hd) -> caches (B, n_kv, kv_len, hd)
+        b = k.shape[0]
+        rows = torch.arange(b) if slots is None else slots
+        self.k_cache[rows[:, None], :, input_pos] = k.transpose(1, 2).to(self.k_cache.dtype)
+        self.v_cache[rows[:, None], :, input_pos] = v.transpose(1, 2).to(self.v_cache.dtype)
+        if slots is None:
+            return self.k_cache[:b, :, :kv_len], self.v_cache[:b, :, :kv_len]
+        return self.k_cache[slots, :, :kv_len], self.v_cache[slots, :, :kv_len]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, n_kv: int, head_dim: int):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=True)
+        self.k_proj = nn.Linear(dim, n_kv * head_dim, bias=True)
+        self.v_proj = nn.Linear(dim, n_kv * head_dim, bias=True)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: Tensor,  # (B, T, D)
+        cos: Tensor,  # (B, 1, T, hd)
+        sin: Tensor,
+        mask: Tensor,  # (B, 1, T, S) bool
+        input_pos: Tensor,  # (B, T)
+        slots: Tensor | None,
+        kv_len: int,
+    ) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        assert self.kv_cache is not None, "call setup_caches() first"
+        k, v = self.kv_cache.update(input_pos, k, v, slots, kv_len)  # (B, n_kv, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=self.n_heads != self.n_kv
+        )  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        q = cfg.qwen
+        self.self_attn = Attention(q.hidden_size, q.num_heads, q.num_kv_heads, q.head_dim)
+        self.mlp = FeedForward(q.hidden_size, q.intermediate_size)
+        self.input_layernorm = RMSNorm(q.hidden_size, q.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(q.hidden_size, q.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos, slots, kv_len) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, slots, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CosyVoice3LM(nn.Module):
+    """Qwen2 body + CosyVoice3 speech head. Hidden states come out after the final RMSNorm."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        q = cfg.qwen
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(q.vocab_size, q.hidden_size)  # text ids
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(q.num_layers))
+        self.norm = RMSNorm(q.hidden_size, q.rms_norm_eps)
+        self.speech_embedding = nn.Embedding(cfg.num_speech_logits, q.hidden_size)
+        self.llm_decoder = nn.Linear(q.hidden_size, cfg.num_speech_logits, bias=False)
+        self.max_batch = self.max_seq = 0
+
+    def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate KV caches for ``max_batch`` slots of ``max_seq`` positions (and RoPE tables)."""
+        q = self.cfg.qwen
+        dtype = dtype or self.llm_decoder.weight.dtype
+        self.max_batch, self.max_seq = max_batch, max_seq
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(
+                max_batch, q.num_kv_heads, max_seq, q.head_dim, dtype
+            )
+        hd = q.head_dim
+        inv_freq = 1.0 / (q.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv_freq)  # (S, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+
+    def embed_text(self, ids: Tensor) -> Tensor:
+        return self.embed_tokens(ids)
+
+    def embed_speech(self, ids: Tensor) -> Tensor:
+        return self.speech_embedding(ids)
+
+    def build_lm_input(
+        self,
+        text_ids: Tensor,
+        prompt_text_ids: Tensor | None = None,
+        prompt_speech: Tensor | None = None,
+    ) -> Tensor:
+        """(1, L, D) = [sos, embed(prompt_text ++ text), task_id, speech_embed(prompt_speech)]."""
+        c = self.cfg
+        ids = text_ids if prompt_text_ids is None else torch.cat([prompt_text_ids, text_ids], dim=1)
+        parts = [
+            self.speech_embedding.weight[c.sos].reshape(1, 1, -1),
+            self.embed_tokens(ids.long()),
+            self.speech_embedding.weight[c.task_id].reshape(1, 1, -1),
+        ]
+        if prompt_speech is not None and prompt_speech.numel():
+            parts.append(self.speech_embedding(prompt_speech.long()))
+        return torch.cat(parts, dim=1)
+
+    def forward(
+        self,
+        embeds: Tensor,  # (B, T, D)
+        input_pos: Tensor,  # (B, T) absolute positions
+        slots: Tensor | None = None,  # (B,) cache rows; None = rows 0..B-1
+        kv_len: int | None = None,  # attend over cache[:kv_len]; default max position + 1
+    ) -> Tensor:
+        """Hidden states after the final norm, (B, T, D)."""
+        if kv_len is None:
+            kv_len = int(input_pos.max()) + 1
+        if kv_len > self.max_seq:
+            raise ValueError(f"sequence of {kv_len} positions exceeds the cache ({self.max_seq})")
+        cos = self.rope_cos[input_pos].unsqueeze(1).to(embeds.dtype)  # (B, 1, T, hd)
+        sin = self.rope_sin[input_pos].unsqueeze(1).to(embeds.dtype)
+        mask = torch.arange(kv_len)[None, None, :] <= input_pos[:, :, None]  # (B, T, S)
+        mask = mask.unsqueeze(1)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos, slots, kv_len)
+        return self.norm(x)
+
+    def logp(self, hidden: Tensor) -> Tensor:
+        """Speech-token log-probs (float32) from hidden states (..., D) -> (..., 6761)."""
+        return self.llm_decoder(hidden).float().log_softmax(dim=-1)
+
+
+def checkpoint_shapes(cfg: LLMConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a released ``llm.pt`` for this config."""
+    q = cfg.qwen
+    d, hd = q.hidden_size, q.head_dim
+    p = _QWEN_PREFIX
+    shapes: dict[str, tuple[int, ...]] = {p + "embed_tokens.weight": (q.vocab_size, d)}
+    for i in range(q.num_layers):
+        lp = f"{p}layers.{i}."
+        shapes.update(
+            {
+                lp + "self_attn.q_proj.weight": (q.num_heads * hd, d),
+                lp + "self_attn.q_proj.bias": (q.num_heads * hd,),
+                lp + "self_attn.k_proj.weight": (q.num_kv_heads * hd, d),
+                lp + "self_attn.k_proj.bias": (q.num_kv_heads * hd,),
+                lp + "self_attn.v_proj.weight": (q.num_kv_heads * hd, d),
+                lp + "self_attn.v_proj.bias": (q.num_kv_heads * hd,),
+                lp + "self_attn.o_proj.weight": (d, q.num_heads * hd),
+                lp + "mlp.gate_proj.weight": (q.intermediate_size, d),
+                lp + "mlp.up_proj.weight": (q.intermediate_size, d),
+                lp + "mlp.down_proj.weight": (d, q.intermediate_size),
+                lp + "input_layernorm.weight": (d,),
+                lp + "post_attention_layernorm.weight": (d,),
+            }
+        )
+    shapes[p + "norm.weight"] = (d,)
+    shapes[_LM_HEAD] = (q.vocab_size, d)
+    shapes["speech_embedding.weight"] = (cfg.num_speech_logits, d)
+    shapes["llm_decoder.weight"] = (cfg.num_speech_logits, d)
+    return shapes
+
+
+def convert_checkpoint(
+    sd: dict[str, Tensor], cfg: LLMConfig, path: str | Path = "llm.pt"
+) -> dict[str, Tensor]:
+    """Validate a released ``llm.pt`` and map it onto :class:`CosyVoice3LM` keys (no copies).
+    The tied text ``lm_head`` may be absent; it is dropped either way."""
+    expected = checkpoint_shapes(cfg)
+    if _LM_HEAD not in sd:
+        expected.pop(_LM_HEAD)
+    check_state_dict(sd, expected, path)
+    out = {}
+    for k, v in sd.items():
+        if k == _LM_HEAD:
+            continue
+        out[k[len(_QWEN_PREFIX) :] if k.startswith(_QWEN_PREFIX) else k] = v
+    return out
+
+
+def load_llm(path: str | Path, cfg: LLMConfig) -> CosyVoice3LM:
+    sd = convert_checkpoint(load_state_dict_file(path), cfg, path)
+    with torch.device("meta"):
+        model = CosyVoice3LM(cfg)
+    assign_state_dict(model, sd, path)
+    return model.eval()
+
+
+@torch.inference_mode()
+def decode_tokens(
+    model: CosyVoice3LM,
+    lm_input: Tensor,  # (1, L, D)
+    min_len: int,
+    max_len: int,
+    slot: int = 0,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """Upstream's single-sequence decoding loop (``Qwen2LM.inference_wrapper``): sample with
+    ``ras_sampling``, stop on any id >= speech_token_size, yield the tokens. Uses ``generator``
+    (default: torch's global RNG, as upstream)."""
+    cfg = model.cfg
+    slots = torch.tensor([slot])
+    L = lm_input.shape[1]
+    if L + max_len > model.max_seq:
+        raise ValueError(f"prompt of {L} + max_len {max_len} exceeds the cache ({model.max_seq})")
+    hidden = model(lm_input, torch.arange(L)[None], slots)
+    pos = L
+    out: list[int] = []
+    for i in range(max_len):
+        logp = model.logp(hidden[:, -1])[0]  # (V,)
+        tok = sampling_ids(logp, out, cfg, ignore_eos=i < min_len, generator=generator)
+        if tok >= cfg.speech_token_size:
+            return
+        yield tok
+        out.append(tok)
+        emb = model.speech_embedding.weight[tok].reshape(1, 1, -1)
+        hidden = model(emb, torch.tensor([[pos]]), slots)
+        pos += 1

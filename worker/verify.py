@@ -1,0 +1,284 @@
+"""Golden checker: ``python -m worker.verify MODEL_DIR GOLDEN_PT [--json] [--strict] [--tol T]``.
+
+Runs every input recorded in a golden file (the layout of
+``../shared/fixtures/cosyvoice3-tiny/golden.pt``) through this project's code with the weights
+of MODEL_DIR and prints, per output, the max-abs and mean-abs difference and PASS/FAIL against
+its tolerance (default 1e-4 for float outputs; integer outputs — token ids, schedules — must be
+equal). Groups the project does not cover yet are listed as SKIP (``--strict`` fails on them).
+Exit status: 0 when everything passes, 1 on any FAIL (or SKIP with ``--strict``), 2 when the
+model dir or golden file cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from worker.checkpoint import CheckpointError
+from worker.hyperyaml import ConfigError
+from worker.model_dir import CosyVoice3Models, load_model_dir
+from worker.streaming import recompute_stream, upstream_schedule
+
+DEFAULT_TOL = 1e-4
+
+
+@dataclass
+class Result:
+    name: str
+    max_abs: float | None
+    mean_abs: float | None
+    tol: float | None
+    status: str  # PASS | FAIL | SKIP
+
+
+class Checker:
+    def __init__(self, tol: float):
+        self.tol = tol
+        self.results: list[Result] = []
+
+    def close(self, name: str, got: Tensor, ref: Tensor, tol: float | None = None) -> None:
+        """Float output: max/mean abs difference against ``tol``."""
+        tol = self.tol if tol is None else tol
+        got = torch.as_tensor(got, dtype=torch.float64)
+        ref = torch.as_tensor(ref, dtype=torch.float64)
+        if got.shape != ref.shape:
+            self.results.append(
+                Result(f"{name} (shape {tuple(got.shape)})", None, None, tol, "FAIL")
+            )
+            return
+        d = (got - ref).abs()
+        mx, mean = (float(d.max()), float(d.mean())) if d.numel() else (0.0, 0.0)
+        self.results.append(Result(name, mx, mean, tol, "PASS" if mx <= tol else "FAIL"))
+
+    def equal(self, name: str, got, ref) -> None:
+        """Integer output (ids, lengths, schedules): must be identical."""
+        got = torch.as_tensor(got, dtype=torch.float64).flatten()
+        ref = torch.as_tensor(ref, dtype=torch.float64).flatten()
+        if got.shape != ref.shape:
+            self.results.append(
+                Result(f"{name} (len {got.numel()} vs {ref.numel()})", None, None, 0.0, "FAIL")
+            )
+            return
+        d = (got - ref).abs()
+        mx, mean = (float(d.max()), float(d.mean())) if d.numel() else (0.0, 0.0)
+        self.results.append(Result(name, mx, mean, 0.0, "PASS" if mx == 0 else "FAIL"))
+
+    def skip(self, name: str) -> None:
+        self.results.append(Result(name, None, None, None, "SKIP"))
+
+
+def check_noise(m: CosyVoice3Models, g: dict, c: Checker) -> None:
+    n = m.noise
+    c.close("noise.flow_rand_noise_first200", n.flow(200), g["flow_rand_noise_first200"])
+    c.close(
+        "noise.flow_rand_noise_last_frame", n.flow_noise[:, :, -1], g["flow_rand_noise_last_frame"]
+    )
+    c.close(
+        "noise.flow_rand_noise_sum_f64", n.flow_noise.double().sum(), g["flow_rand_noise_sum_f64"]
+    )
+    rows = g["hift_sine_waves_first96000"].shape[1]
+    c.close("noise.hift_sine_waves_first96000", n.sine(rows), g["hift_sine_waves_first96000"])
+    idx = torch.tensor(g["hift_sine_waves_check_rows"])
+    c.close(
+        "noise.hift_sine_waves_check_values", n.sine_rows(idx), g["hift_sine_waves_check_values"]
+    )
+    c.close("noise.hift_rand_ini", n.rand_ini, g["hift_rand_ini"])
+
+
+def _llm_common(m: CosyVoice3Models, g: dict, c: Checker, group: str, lm_input: Tensor) -> None:
+    llm = m.llm
+    c.close(f"{group}.lm_input", lm_input, g["lm_input"])
+    L = lm_input.shape[1]
+    hidden = llm(g["lm_input"], torch.arange(L)[None])
+    c.close(f"{group}.logp_prefill", llm.logp(hidden[:, -1])[0], g["logp_prefill"])
+    n_text = g["text"].shape[1]
+    c.equal(f"{group}.min_len", int(n_text * 2), g["min_len"])
+    c.equal(f"{group}.max_len", int(n_text * 20), g["max_len"])
+
+
+def check_llm(m: CosyVoice3Models, g: dict, c: Checker) -> None:
+    from worker.llm import decode_tokens
+    from worker.sampling import sampling_ids
+
+    llm = m.llm
+    llm.setup_caches(1, g["lm_input"].shape[1] + g["max_len"] + 1)
+    lm_input = llm.build_lm_input(g["text"], g["prompt_text"], g["prompt_speech_token"])
+    _llm_common(m, g, c, "llm", lm_input)
+    pos, rows = g["lm_input"].shape[1], []
+    for tok in g["forced_tokens"].tolist():
+        h = llm(llm.speech_embedding.weight[tok].reshape(1, 1, -1), torch.tensor([[pos]]))
+        rows.append(llm.logp(h[:, -1])[0])
+        pos += 1
+    c.close("llm.logp_forced", torch.stack(rows), g["logp_forced"])
+    for run in g.get("sampled_runs", []):
+        gen = torch.Generator().manual_seed(run["seed"])
+        want = run["tokens"]
+        got = []
+        for tok in decode_tokens(llm, g["lm_input"], g["min_len"], g["max_len"], generator=gen):
+            got.append(tok)
+            if len(got) == len(want) and not run["stopped_by_stop_token"]:
+                break
+        c.equal(f"llm.sampled_tokens[seed={run['seed']}]", got, want)
+    for case in g.get("sampler_cases", []):
+        gen = torch.Generator().manual_seed(case["seed"])
+        draws = [
+            sampling_ids(
+                case["weighted_scores"].clone(),
+                list(case["decoded_tokens"]),
+                m.config.llm,
+                case["ignore_eos"],
+                generator=gen,
+            )
+            for _ in range(len(case["draws"]))
+        ]
+        c.equal(f"llm.sampler[{case['name']}]", draws, case["draws"])
+
+
+def check_llm_no_prompt(m: CosyVoice3Models, g: dict, c: Checker) -> None:
+    m.llm.setup_caches(1, g["lm_input"].shape[1] + 1)
+    _llm_common(m, g, c, "llm_no_prompt", m.llm.build_lm_input(g["text"]))
+
+
+def check_flow(m: CosyVoice3Models, g: dict, c: Checker) -> None:
+    f = m.flow
+    c.close("flow.spk_projected", f.spk_projection(g["embedding"]), g["spk_projected"])
+    tok = torch.cat([g["prompt_token"], g["token"]], dim=1)
+    emb = f.input_embedding(tok.clamp(min=0).long())
+    c.close("flow.pre_lookahead_out", f.pre_lookahead(emb), g["pre_lookahead_out"])
+    for streaming in (False, True):
+        mel = f.inference(
+            g["token"], g["prompt_token"], g["prompt_feat"], g["embedding"], streaming, True
+        )
+        key = "mel_streaming_finalize" if streaming else "mel_nonstreaming_finalize"
+        c.close(f"flow.{key}", mel, g[key])
+
+
+def check_dit(m: CosyVoice3Models, g: dict, c: Checker) -> None:
+    est = m.flow.decoder.estimator
+    for streaming in (False, True):
+        out = est(g["x"], g["mask"], g["mu"], g["t"], g["spks"], g["cond"], streaming=streaming)
+        key = "out_streaming_true" if streaming else "out_streaming_false"
+        c.close(f"dit.{key}", out, g[key])
+
+
+def check_hift(m: CosyVoice3Models, g: dict, c: Checker) -> None:
+    h = m.hift
+    c.close("hift.f0_finalize", h.f0(g["mel"], finalize=True), g["f0_finalize"])
+    audio, source = h.inference(g["mel"], finalize=True)
+    c.close("hift.source_finalize", source, g["source_finalize"])
+    c.close("hift.audio_finalize", audio, g["audio_finalize"])
+    audio, _ = h.inference(g["mel"], finalize=False)
+    c.close("hift.audio_nonfinal", audio, g["audio_nonfinal"])
+
+
+def check_stream(m: CosyVoice3Models, g: dict, c: Checker, golden: dict) -> None:
+    f = golden["flow"]
+    sched = upstream_schedule(
+        f["prompt_token"].shape[1], f["token"].shape[1], g["token_hop_len_initial"]
+    )
+    c.equal(
+        "stream.schedule",
+        [[s.token_len, s.token_offset, s.hop or 0, s.finalize] for s in sched],
+        [[k["token_len"], k["token_offset"], k["hop"] or 0, k["finalize"]] for k in g["chunks"]],
+    )
+    mels, audios = [], []
+    chunks = recompute_stream(
+        m.flow,
+        m.hift,
+        f["token"],
+        f["prompt_token"],
+        f["prompt_feat"],
+        f["embedding"],
+        g["token_hop_len_initial"],
+    )
+    for i, ((_, mel, audio), ref) in enumerate(zip(chunks, g["chunks"], strict=False)):
+        c.close(f"stream.chunks[{i}].mel_kept", mel, ref["mel_kept"])
+        c.close(f"stream.chunks[{i}].audio", audio, ref["audio"])
+        mels.append(mel)
+        audios.append(audio)
+    c.close("stream.mel_concat", torch.cat(mels, 2), g["mel_concat"])
+    c.close("stream.audio_concat", torch.cat(audios, 1), g["audio_concat"])
+    mel = m.flow.inference(
+        f["token"], f["prompt_token"], f["prompt_feat"], f["embedding"], False, True
+    )
+    c.close("stream.audio_nonstream", m.hift.inference(mel, finalize=True)[0], g["audio_nonstream"])
+
+
+GROUPS: dict[str, Callable | None] = {
+    "tokenizer": None,
+    "frontend": None,
+    "noise": check_noise,
+    "llm": check_llm,
+    "llm_no_prompt": check_llm_no_prompt,
+    "flow": check_flow,
+    "dit": check_dit,
+    "hift": check_hift,
+    "stream": check_stream,
+}
+NOT_OUTPUTS = {"meta"}
+
+
+@torch.inference_mode()
+def verify(
+    model_dir: str | Path, golden_path: str | Path, tol: float = DEFAULT_TOL
+) -> list[Result]:
+    golden = torch.load(golden_path, map_location="cpu", weights_only=True)
+    models = load_model_dir(model_dir)
+    c = Checker(tol)
+    for group, data in golden.items():
+        if group in NOT_OUTPUTS or not isinstance(data, dict):
+            continue
+        fn = GROUPS.get(group)
+        if fn is None:
+            c.skip(group)
+        elif fn is check_stream:
+            fn(models, data, c, golden)
+        else:
+            fn(models, data, c)
+    return c.results
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m worker.verify", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("model_dir")
+    ap.add_argument("golden_pt")
+    ap.add_argument("--json", action="store_true", help="print results as JSON")
+    ap.add_argument("--strict", action="store_true", help="a SKIP counts as a failure")
+    ap.add_argument(
+        "--tol", type=float, default=DEFAULT_TOL, help="max-abs tolerance (float outputs)"
+    )
+    args = ap.parse_args(argv)
+    try:
+        results = verify(args.model_dir, args.golden_pt, args.tol)
+    except (ConfigError, CheckpointError, OSError, RuntimeError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bad = [r for r in results if r.status == "FAIL" or (args.strict and r.status == "SKIP")]
+    if args.json:
+        print(json.dumps({"results": [asdict(r) for r in results]}, indent=1))
+    else:
+        w = max(len(r.name) for r in results)
+        print(f"{'output':<{w}}  {'max_abs':>9}  {'mean_abs':>9}  {'tol':>7}  status")
+        for r in results:
+            cells = f"{_fmt(r.max_abs):>9}  {_fmt(r.mean_abs):>9}  {_fmt(r.tol):>7}"
+            print(f"{r.name:<{w}}  {cells}  {r.status}")
+        n = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
+        print(f"{n['PASS']} passed, {n['FAIL']} failed, {n['SKIP']} skipped")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
