@@ -28,6 +28,12 @@ _QWEN_PREFIX = "llm.model.model."
 _LM_HEAD = "llm.model.lm_head.weight"
 
 
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    """An embedding whose weight is left uninitialized (it is always loaded): skips ``normal_``,
+    which is very slow on the meta device."""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+
+
 class KVCache(nn.Module):
     def __init__(self, max_batch: int, n_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
@@ -132,10 +138,10 @@ class CosyVoice3LM(nn.Module):
         super().__init__()
         q = cfg.qwen
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(q.vocab_size, q.hidden_size)  # text ids
+        self.embed_tokens = _embedding(q.vocab_size, q.hidden_size)  # text ids
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(q.num_layers))
         self.norm = RMSNorm(q.hidden_size, q.rms_norm_eps)
-        self.speech_embedding = nn.Embedding(cfg.num_speech_logits, q.hidden_size)
+        self.speech_embedding = _embedding(cfg.num_speech_logits, q.hidden_size)
         self.llm_decoder = nn.Linear(q.hidden_size, cfg.num_speech_logits, bias=False)
         self.max_batch = self.max_seq = 0
 

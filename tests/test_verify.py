@@ -1,0 +1,70 @@
+"""``python -m worker.verify``: passes on the fixture, fails on other weights, JSON contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tuning.random_model import write_model_dir
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.verify", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def fixture_json(tiny_dir):
+    p = _run(str(tiny_dir), str(tiny_dir / "golden.pt"), "--json")
+    return p.returncode, json.loads(p.stdout)
+
+
+def test_verify_passes_on_fixture(fixture_json):
+    rc, out = fixture_json
+    results = out["results"]
+    assert rc == 0
+    assert all(set(r) == {"name", "max_abs", "mean_abs", "tol", "status"} for r in results)
+    by = {r["name"]: r for r in results}
+    for name in (
+        "llm.logp_prefill",
+        "llm.logp_forced",
+        "llm.sampled_tokens[seed=1234]",
+        "flow.mel_streaming_finalize",
+        "dit.out_streaming_true",
+        "hift.audio_finalize",
+        "stream.audio_concat",
+        "noise.hift_sine_waves_check_values",
+    ):
+        assert by[name]["status"] == "PASS", by[name]
+        assert by[name]["max_abs"] <= by[name]["tol"]
+    assert {r["status"] for r in results} <= {"PASS", "SKIP"}
+
+
+def test_strict_fails_on_skip_only_if_any(fixture_json, tiny_dir):
+    _, out = fixture_json
+    has_skip = any(r["status"] == "SKIP" for r in out["results"])
+    p = _run(str(tiny_dir), str(tiny_dir / "golden.pt"), "--strict")
+    assert p.returncode == (1 if has_skip else 0)
+
+
+def test_verify_fails_with_other_weights(tmp_path, tiny_dir):
+    d = write_model_dir(tmp_path / "other", "tiny", seed=11)
+    p = _run(str(d), str(tiny_dir / "golden.pt"), "--json")
+    assert p.returncode == 1
+    by = {r["name"]: r for r in json.loads(p.stdout)["results"]}
+    assert by["llm.logp_prefill"]["status"] == "FAIL"
+    assert by["noise.flow_rand_noise_first200"]["status"] == "PASS"  # dims-only, not weights
+
+
+def test_verify_bad_model_dir_exit_2(tmp_path, tiny_dir):
+    p = _run(str(tmp_path), str(tiny_dir / "golden.pt"))
+    assert p.returncode == 2 and "cosyvoice3.yaml" in p.stderr
