@@ -6,7 +6,9 @@ tests run on model dirs written here: ``cosyvoice3.yaml`` (the released file's s
 hyperpyyaml tags, with the chosen dims), ``CosyVoice-BlankEN/`` (a Qwen2 ``config.json`` and a
 small byte-level BPE tokenizer), and ``llm.pt``/``flow.pt``/``hift.pt`` whose keys and shapes are
 exactly those of the released checkpoints for these dims (at ``official`` dims they equal
-``cosyvoice3-shapes.json``). Speed does not depend on weight values; the speech is noise.
+``cosyvoice3-shapes.json``), plus small random stand-ins for ``speech_tokenizer_v3.onnx`` and
+``campplus.onnx`` (:mod:`tuning.onnx_standins`). Speed does not depend on weight values; the
+speech is noise.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tuning.onnx_standins import write_onnx_standins
 from worker.config import QWEN_DIR, YAML_NAME, read_model_config
 from worker.flow import checkpoint_shapes as flow_shapes
 from worker.hift import checkpoint_shapes as hift_shapes
@@ -276,6 +279,7 @@ def write_model_dir(out: str | Path, dims: str = "tiny", seed: int = 0) -> Path:
             sd["llm.model.lm_head.weight"] = sd["llm.model.model.embed_tokens.weight"]
         torch.save(sd, out / name)
         del sd
+    write_onnx_standins(out, seed)  # speech_tokenizer_v3.onnx, campplus.onnx
     return out
 
 

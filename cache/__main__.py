@@ -1,0 +1,5 @@
+"""``python -m cache``: see :mod:`cache.cli`."""
+
+from cache.cli import main
+
+raise SystemExit(main())

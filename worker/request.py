@@ -1,0 +1,34 @@
+"""Typed request records shared by the frontend, the engine and (later) the service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+
+class RequestError(ValueError):
+    """A request cannot be run as given (bad shapes, too long, bad settings)."""
+
+
+@dataclass
+class TTSRequest:
+    """Model inputs for one utterance segment, as the frontend prepares them.
+
+    ``text_ids`` are the tokens that count for min/max length (upstream excludes the zero-shot
+    prompt text); ``prompt_text_ids`` precede them in the LLM input. ``llm_prompt_speech`` is
+    empty for cross-lingual and instruct2; the flow prompt (``flow_prompt_speech`` +
+    ``prompt_feat`` with 2 mel frames per token) is kept in every mode.
+    """
+
+    text_ids: Tensor  # (1, N) int
+    embedding: Tensor  # (1, 192) speaker embedding
+    prompt_text_ids: Tensor | None = None  # (1, M) int
+    llm_prompt_speech: Tensor | None = None  # (1, P) int
+    flow_prompt_speech: Tensor | None = None  # (1, P') int
+    prompt_feat: Tensor | None = None  # (1, 2P', 80)
+    request_id: str = ""
+    hop_tokens: int = 25
+    seed: int | None = None
+    forced_tokens: Tensor | None = None  # benchmarks: decode exactly these, EOS ignored
+    mode: str = "incremental"
