@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from worker.checkpoint import CheckpointError
+from worker.config import QWEN_DIR
 from worker.hyperyaml import ConfigError
 from worker.model_dir import CosyVoice3Models, load_model_dir
 from worker.streaming import recompute_stream, upstream_schedule
@@ -211,9 +212,54 @@ def check_stream(m: CosyVoice3Models, g: dict, c: Checker, golden: dict) -> None
     c.close("stream.audio_nonstream", m.hift.inference(mel, finalize=True)[0], g["audio_nonstream"])
 
 
+def check_tokenizer(m: CosyVoice3Models, g: dict, c: Checker, model_dir: Path) -> None:
+    from worker.frontend.tokenizer import CosyVoice3Tokenizer
+
+    tok = CosyVoice3Tokenizer(model_dir / QWEN_DIR)
+    for name, want in g.get("special_token_ids", {}).items():
+        c.equal(f"tokenizer.special[{name}]", tok.token_id(name), want)
+    if "cosyvoice3_tokenizer_len" in g:
+        c.equal("tokenizer.len", len(tok), g["cosyvoice3_tokenizer_len"])
+    for i, case in enumerate(g.get("cases", [])):
+        ids = tok.encode(case["text"])
+        c.equal(f"tokenizer.cases[{i}].ids", ids, case["cosyvoice3_tokenizer_ids"])
+        if "cosyvoice3_decode_skip_special" in case:
+            same = (
+                tok.decode(ids, skip_special_tokens=True) == case["cosyvoice3_decode_skip_special"]
+            )
+            c.equal(f"tokenizer.cases[{i}].decode", int(not same), 0)
+
+
+def check_frontend(m: CosyVoice3Models, g: dict, c: Checker, model_dir: Path) -> None:
+    from worker.frontend.audio import (
+        campplus_fbank,
+        load_audio,
+        prompt_mel_24k,
+        resample,
+        whisper_logmel_128,
+    )
+
+    wav = model_dir / g["wav_file"]
+    if wav.is_file():
+        x, sr = load_audio(wav)
+        c.equal("frontend.wav_sample_rate", sr, g["wav_sample_rate"])
+        x24 = x if sr == 24000 else resample(x, sr, 24000)
+        x16 = x if sr == 16000 else resample(x, sr, 16000)
+        c.close("frontend.speech_24k", torch.as_tensor(x24)[None], g["speech_24k"])
+        c.close("frontend.speech_16k", torch.as_tensor(x16)[None], g["speech_16k"])
+    else:
+        c.skip(f"frontend.speech_16k ({g['wav_file']} not in model dir)")
+    c.close("frontend.prompt_mel_24k", prompt_mel_24k(g["speech_24k"][0]), g["prompt_mel_24k"])
+    feats, flen = whisper_logmel_128(g["speech_16k"][0])
+    c.close("frontend.whisper_logmel_128", feats, g["whisper_logmel_128"])
+    c.equal("frontend.whisper_logmel_128_len", flen, g["whisper_logmel_128_len"])
+    fb = campplus_fbank(g["speech_16k"][0])
+    c.close("frontend.campplus_fbank_mean_sub", fb, g["campplus_fbank_mean_sub"])
+
+
 GROUPS: dict[str, Callable | None] = {
-    "tokenizer": None,
-    "frontend": None,
+    "tokenizer": check_tokenizer,
+    "frontend": check_frontend,
     "noise": check_noise,
     "llm": check_llm,
     "llm_no_prompt": check_llm_no_prompt,
@@ -240,6 +286,8 @@ def verify(
             c.skip(group)
         elif fn is check_stream:
             fn(models, data, c, golden)
+        elif fn in (check_tokenizer, check_frontend):
+            fn(models, data, c, Path(model_dir))
         else:
             fn(models, data, c)
     return c.results
