@@ -61,8 +61,8 @@ def test_strict_passes_with_no_skip(fixture_json, tiny_dir):
 def test_strict_fails_on_a_skipped_group(tmp_path, tiny_dir):
     import torch
 
-    g = torch.load(tiny_dir / "golden.pt", weights_only=True)
-    g["future_group"] = {"x": torch.zeros(1)}  # a group this project does not cover
+    full = torch.load(tiny_dir / "golden.pt", weights_only=True)
+    g = {"noise": full["noise"], "future_group": {"x": torch.zeros(1)}}  # uncovered group
     golden = tmp_path / "golden.pt"
     torch.save(g, golden)
     assert _run(str(tiny_dir), str(golden)).returncode == 0
@@ -70,11 +70,15 @@ def test_strict_fails_on_a_skipped_group(tmp_path, tiny_dir):
 
 
 def test_verify_fails_with_other_weights(tmp_path, tiny_dir):
+    import torch
+
     d = write_model_dir(tmp_path / "other", "tiny", seed=11)
-    p = _run(str(d), str(tiny_dir / "golden.pt"), "--json")
+    full = torch.load(tiny_dir / "golden.pt", weights_only=True)
+    torch.save({k: full[k] for k in ("llm_no_prompt", "noise")}, tmp_path / "g.pt")
+    p = _run(str(d), str(tmp_path / "g.pt"), "--json")
     assert p.returncode == 1
     by = {r["name"]: r for r in json.loads(p.stdout)["results"]}
-    assert by["llm.logp_prefill"]["status"] == "FAIL"
+    assert by["llm_no_prompt.logp_prefill"]["status"] == "FAIL"
     assert by["noise.flow_rand_noise_first200"]["status"] == "PASS"  # dims-only, not weights
 
 

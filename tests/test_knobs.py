@@ -1,0 +1,302 @@
+"""Knobs: every COSY_* variable parsed and validated, typos caught, the precision policy."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import tuning.knobs as knobs_mod
+from tuning.cpu import ISA_FLAGS
+from tuning.knobs import KNOWN_VARS, KnobError, Knobs, auto_precision
+
+HOST_CPUS = (0, 1, 2, 3, 4, 5, 6, 7)
+
+
+@pytest.fixture(autouse=True)
+def eight_cpu_host(monkeypatch):
+    """Pretend the process may use CPUs 0-7 and no cgroup quota applies, on any test host."""
+    monkeypatch.setattr(knobs_mod, "usable_cpus", lambda: HOST_CPUS)
+    monkeypatch.setattr(knobs_mod, "cgroup_cpu_quota", lambda: None)
+
+
+def facts_with(*flags: str) -> dict:
+    return {"isa": {f: f in flags for f in ISA_FLAGS}}
+
+
+AVX2_ONLY = facts_with("avx2", "fma", "f16c")  # AMD EPYC (Zen 2/3) of design.md
+AVX512_BF16 = facts_with("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16")
+AMX = facts_with(
+    "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+    "amx_int8",
+)  # fmt: skip
+
+
+def error_for(env: dict) -> str:
+    with pytest.raises(KnobError) as info:
+        Knobs.from_env(env)
+    return str(info.value)
+
+
+# --- defaults ---------------------------------------------------------------------------------
+
+
+def test_defaults_from_an_empty_environment():
+    k = Knobs.from_env({})
+    assert (k.llm_threads, k.flow_threads, k.hift_threads, k.frontend_threads) == (8, 8, 8, 8)
+    assert k.llm_cpus is k.flow_cpus is k.hift_cpus is k.frontend_cpus is None
+    assert k.hop_tokens == 25 and k.flow_steps == 10
+    assert k.precision == "auto"
+    assert (k.llm_precision, k.flow_precision, k.hift_precision) == ("auto",) * 3
+    assert k.max_batch == 8 and k.max_seq == 4096
+    assert k.cache_dir == Path("~/.cache/cosyvoice-worker").expanduser()
+    assert k.cache_max_mb == 2048 and k.compile is True and k.log_level == "INFO"
+    assert k.from_environment == ()
+
+
+def test_default_threads_follow_the_cgroup_quota(monkeypatch):
+    monkeypatch.setattr(knobs_mod, "cgroup_cpu_quota", lambda: 2.5)
+    assert Knobs.from_env({}).llm_threads == 3
+
+
+def test_from_env_reads_os_environ_by_default(monkeypatch):
+    for var in [v for v in os.environ if v.startswith("COSY_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("COSY_FLOW_STEPS", "7")
+    assert Knobs.from_env().flow_steps == 7
+
+
+def test_empty_value_means_default():
+    assert Knobs.from_env({"COSY_HOP_TOKENS": "", "COSY_LLM_THREADS": "  "}).hop_tokens == 25
+
+
+def test_knobs_are_frozen():
+    k = Knobs.from_env({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        k.hop_tokens = 50  # type: ignore[misc]
+
+
+# --- good values ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "var, text, attr, value",
+    [
+        ("COSY_LLM_THREADS", "4", "llm_threads", 4),
+        ("COSY_FLOW_THREADS", "1", "flow_threads", 1),
+        ("COSY_HIFT_THREADS", "2", "hift_threads", 2),
+        ("COSY_FRONTEND_THREADS", "3", "frontend_threads", 3),
+        ("COSY_LLM_CPUS", "0-3,7", "llm_cpus", (0, 1, 2, 3, 7)),
+        ("COSY_FLOW_CPUS", "4-5", "flow_cpus", (4, 5)),
+        ("COSY_HIFT_CPUS", "6", "hift_cpus", (6,)),
+        ("COSY_FRONTEND_CPUS", " 7 ", "frontend_cpus", (7,)),
+        ("COSY_HOP_TOKENS", "50", "hop_tokens", 50),
+        ("COSY_HOP_TOKENS", "100", "hop_tokens", 100),
+        ("COSY_FLOW_STEPS", "1", "flow_steps", 1),
+        ("COSY_FLOW_STEPS", "100", "flow_steps", 100),
+        ("COSY_PRECISION", "exact", "precision", "exact"),
+        ("COSY_PRECISION", "AUTO", "precision", "auto"),
+        ("COSY_LLM_PRECISION", "int8", "llm_precision", "int8"),
+        ("COSY_FLOW_PRECISION", "bf16", "flow_precision", "bf16"),
+        ("COSY_HIFT_PRECISION", "fp32", "hift_precision", "fp32"),
+        ("COSY_MAX_BATCH", "32", "max_batch", 32),
+        ("COSY_MAX_SEQ", "8192", "max_seq", 8192),
+        ("COSY_CACHE_MAX_MB", "100", "cache_max_mb", 100),
+        ("COSY_COMPILE", "0", "compile", False),
+        ("COSY_COMPILE", "1", "compile", True),
+        ("COSY_COMPILE", "false", "compile", False),
+        ("COSY_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("COSY_LOG_LEVEL", "warn", "log_level", "WARNING"),
+    ],
+)
+def test_good_values_parse(var, text, attr, value):
+    k = Knobs.from_env({var: text})
+    assert getattr(k, attr) == value
+    assert k.from_environment == (var,)
+
+
+def test_cache_dir_expands_home(tmp_path):
+    assert Knobs.from_env({"COSY_CACHE_DIR": "~/x"}).cache_dir == Path.home() / "x"
+    assert Knobs.from_env({"COSY_CACHE_DIR": str(tmp_path)}).cache_dir == tmp_path
+
+
+def test_pinned_stage_defaults_to_one_thread_per_cpu():
+    k = Knobs.from_env({"COSY_LLM_CPUS": "0-2", "COSY_FLOW_CPUS": "3-7", "COSY_HIFT_THREADS": "2"})
+    assert (k.llm_threads, k.flow_threads, k.hift_threads, k.frontend_threads) == (3, 5, 2, 8)
+    assert k.threads("flow") == 5 and k.cpus("flow") == (3, 4, 5, 6, 7)
+    assert k.cpus("hift") is None
+
+
+# --- bad values -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "var, text, allowed",
+    [
+        ("COSY_LLM_THREADS", "0", "1..1024"),
+        ("COSY_FLOW_THREADS", "two", "1..1024"),
+        ("COSY_HIFT_THREADS", "-1", "1..1024"),
+        ("COSY_FRONTEND_THREADS", "1.5", "1..1024"),
+        ("COSY_LLM_CPUS", "3-1", "reversed range"),
+        ("COSY_FLOW_CPUS", "0-3,", "cpu list like 0-3,8"),
+        ("COSY_HIFT_CPUS", "a-b", "cpu list like 0-3,8"),
+        ("COSY_FRONTEND_CPUS", "6-9", "not usable: 8-9"),
+        ("COSY_HOP_TOKENS", "30", "positive multiple of 25"),
+        ("COSY_HOP_TOKENS", "0", "positive multiple of 25"),
+        ("COSY_HOP_TOKENS", "-25", "positive multiple of 25"),
+        ("COSY_FLOW_STEPS", "0", "1..100"),
+        ("COSY_FLOW_STEPS", "101", "1..100"),
+        ("COSY_PRECISION", "fp32", "auto, exact"),
+        ("COSY_LLM_PRECISION", "fp16", "auto, fp32, bf16, int8"),
+        ("COSY_FLOW_PRECISION", "int4", "auto, fp32, bf16, int8"),
+        ("COSY_HIFT_PRECISION", "int8", "auto, fp32, bf16"),
+        ("COSY_MAX_BATCH", "0", "1..4096"),
+        ("COSY_MAX_SEQ", "lots", "1..1048576"),
+        ("COSY_CACHE_MAX_MB", "0", ">= 1"),
+        ("COSY_COMPILE", "2", "0 or 1"),
+        ("COSY_LOG_LEVEL", "LOUD", "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ],
+)
+def test_bad_values_name_variable_value_and_what_is_allowed(var, text, allowed):
+    message = error_for({var: text})
+    assert f"{var}={text!r}" in message
+    assert allowed in message
+
+
+def test_cache_dir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("")
+    assert "COSY_CACHE_DIR" in error_for({"COSY_CACHE_DIR": str(path)})
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(KnobError) as info:
+        Knobs.from_env({"COSY_HOP_TOKENS": "30", "COSY_FLOW_STEPS": "0", "COSY_LLM_THREDS": "2"})
+    assert len(info.value.problems) == 3
+    assert isinstance(info.value, ValueError)
+
+
+def test_exact_preset_contradicted_by_a_stage_setting():
+    message = error_for({"COSY_PRECISION": "exact", "COSY_FLOW_PRECISION": "bf16"})
+    assert "COSY_FLOW_PRECISION='bf16'" in message and "COSY_PRECISION='exact'" in message
+    k = Knobs.from_env({"COSY_PRECISION": "exact", "COSY_LLM_PRECISION": "fp32"})
+    assert k.precision == "exact"
+
+
+# --- unknown variables ------------------------------------------------------------------------
+
+
+def test_typo_is_caught_with_a_suggestion_and_the_known_list():
+    message = error_for({"COSY_LLM_THREAD": "4"})
+    assert "COSY_LLM_THREAD is not a known variable" in message
+    assert "did you mean COSY_LLM_THREADS?" in message
+    for var in KNOWN_VARS:
+        assert var in message
+
+
+def test_unrelated_unknown_variable_has_no_suggestion():
+    message = error_for({"COSY_ZZZZZZZZZ": "1"})
+    assert "COSY_ZZZZZZZZZ is not a known variable;" in message
+
+
+def test_other_variables_are_ignored():
+    assert Knobs.from_env({"OMP_NUM_THREADS": "1", "HOME": "/x", "cosy_lower": "1"}).max_batch == 8
+
+
+def test_other_owned_cosy_variables_are_not_typos(monkeypatch):
+    monkeypatch.setattr(knobs_mod, "OTHER_VARS", frozenset({"COSY_MODEL_DIR"}))
+    Knobs.from_env({"COSY_MODEL_DIR": "/models/x"})
+
+
+def test_known_vars_cover_every_field():
+    assert len(KNOWN_VARS) == 20
+    assert "COSY_FRONTEND_CPUS" in KNOWN_VARS and "COSY_FROM_ENVIRONMENT" not in KNOWN_VARS
+
+
+# --- precision policy -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["llm", "flow", "hift"])
+def test_avx2_only_host_is_fp32_never_bf16(stage):
+    assert auto_precision(stage, AVX2_ONLY) == "fp32"
+    assert Knobs.from_env({}).resolve_precision(stage, AVX2_ONLY) == "fp32"
+
+
+def test_empty_facts_mean_fp32():
+    assert all(auto_precision(s, {}) == "fp32" for s in ("llm", "flow", "hift"))
+
+
+def test_amx_host_runs_flow_in_bf16_and_the_rest_in_fp32():
+    k = Knobs.from_env({})
+    assert k.resolve_precision("flow", AMX) == "bf16"
+    assert k.resolve_precision("llm", AMX) == "fp32"  # bf16 prefill / int8 decode: not yet
+    assert k.resolve_precision("hift", AMX) == "fp32"
+
+
+def test_avx512_bf16_without_amx_stays_fp32_unless_asked():
+    assert auto_precision("flow", AVX512_BF16) == "fp32"
+    k = Knobs.from_env({"COSY_FLOW_PRECISION": "bf16"})
+    assert k.resolve_precision("flow", AVX512_BF16) == "bf16"
+
+
+def test_exact_preset_is_fp32_even_on_amx():
+    k = Knobs.from_env({"COSY_PRECISION": "exact"})
+    assert [k.resolve_precision(s, AMX) for s in ("llm", "flow", "hift")] == ["fp32"] * 3
+
+
+def test_explicit_bf16_without_native_support_is_refused():
+    k = Knobs.from_env({"COSY_HIFT_PRECISION": "bf16"})
+    with pytest.raises(KnobError, match="COSY_HIFT_PRECISION='bf16'.*AVX512_BF16 or AMX"):
+        k.resolve_precision("hift", AVX2_ONLY)
+
+
+def test_explicit_settings_are_honoured():
+    k = Knobs.from_env({"COSY_LLM_PRECISION": "int8", "COSY_FLOW_PRECISION": "fp32"})
+    assert k.resolve_precision("llm", AVX2_ONLY) == "int8"
+    assert k.resolve_precision("flow", AMX) == "fp32"
+
+
+def test_unknown_stage_is_refused():
+    with pytest.raises(ValueError, match="frontend"):
+        Knobs.from_env({}).resolve_precision("frontend", AMX)
+    with pytest.raises(ValueError, match="vocoder"):
+        Knobs.from_env({}).threads("vocoder")
+
+
+# --- describe / apply_threads -----------------------------------------------------------------
+
+
+def test_describe_is_json_ready():
+    k = Knobs.from_env({"COSY_LLM_CPUS": "0-3,7", "COSY_CACHE_DIR": "/tmp/c"})
+    d = k.describe(AMX)
+    assert json.loads(json.dumps(d)) == d
+    assert d["llm_cpus"] == "0-3,7" and d["cache_dir"] == "/tmp/c" and d["llm_threads"] == 5
+    assert d["resolved_precision"] == {"llm": "fp32", "flow": "bf16", "hift": "fp32"}
+    assert d["from_environment"] == ["COSY_CACHE_DIR", "COSY_LLM_CPUS"]
+    assert "resolved_precision" not in k.describe()
+
+
+def test_apply_threads_sets_torch_threads_and_affinity(monkeypatch):
+    import torch
+
+    real = tuple(sorted(os.sched_getaffinity(0)))
+    monkeypatch.setattr(knobs_mod, "usable_cpus", lambda: real)
+    cpus = real[:1]
+    k = Knobs.from_env({"COSY_HIFT_CPUS": ",".join(map(str, cpus))})
+    before = torch.get_num_threads()
+    try:
+        applied = k.apply_threads("hift")
+        assert applied["threads"] == torch.get_num_threads() == 1
+        assert tuple(sorted(os.sched_getaffinity(0))) == cpus
+        assert applied["stage"] == "hift"
+    finally:
+        os.sched_setaffinity(0, real)
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), real)
+            except ProcessLookupError:
+                pass
+        torch.set_num_threads(before)

@@ -1,0 +1,402 @@
+"""The worker's knobs: one frozen, validated :class:`Knobs` built from ``COSY_*`` variables.
+
+``Knobs.from_env()`` reads every knob once, checks it, and raises one :class:`KnobError`
+listing every bad value (variable, value, what is allowed) and every unknown ``COSY_*``
+variable (a typo, with the closest known name). An empty value means "use the default".
+
+| variable | meaning | default |
+|---|---|---|
+| ``COSY_{LLM,FLOW,HIFT,FRONTEND}_THREADS`` | intra-op threads of that stage | see below |
+| ``COSY_{LLM,FLOW,HIFT,FRONTEND}_CPUS`` | affinity, cpu-list syntax ``0-3,8`` | inherit |
+| ``COSY_HOP_TOKENS`` | speech tokens per streamed hop, multiple of 25 | 25 |
+| ``COSY_FLOW_STEPS`` | Euler steps of the flow ODE, 1..100 | 10 |
+| ``COSY_PRECISION`` | preset: ``auto`` (per-host policy) or ``exact`` (fp32 everywhere) | auto |
+| ``COSY_{LLM,FLOW}_PRECISION`` | ``auto``, ``fp32``, ``bf16``, ``int8`` | auto |
+| ``COSY_HIFT_PRECISION`` | ``auto``, ``fp32``, ``bf16`` | auto |
+| ``COSY_MAX_BATCH`` | concurrent LLM sequences (KV cache slots) | 8 |
+| ``COSY_MAX_SEQ`` | KV cache positions per sequence | 4096 |
+| ``COSY_CACHE_DIR`` | prompt cache directory | ``~/.cache/cosyvoice-worker`` |
+| ``COSY_CACHE_MAX_MB`` | prompt cache size cap | 2048 |
+| ``COSY_COMPILE`` | ``torch.compile`` the hot paths, 0 or 1 | 1 |
+| ``COSY_LOG_LEVEL`` | DEBUG, INFO, WARNING, ERROR, CRITICAL | INFO |
+
+Default threads: a stage pinned with ``COSY_<STAGE>_CPUS`` gets one thread per pinned CPU;
+otherwise every stage gets all usable CPUs (affinity mask, capped by a cgroup CPU quota).
+
+Precision: :meth:`Knobs.resolve_precision` turns ``auto`` into a concrete dtype for this host
+(see :func:`auto_precision`); an explicit setting is honoured, except bf16 on a CPU without
+native bf16, which is refused. ``apply_threads(stage)`` is the first thing a stage process does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tuning.cpu import (
+    cgroup_cpu_quota,
+    format_cpu_list,
+    has_amx,
+    has_native_bf16,
+    parse_cpu_list,
+    usable_cpus,
+)
+
+PREFIX = "COSY_"
+THREAD_STAGES = ("llm", "flow", "hift", "frontend")
+PRECISION_STAGES = ("llm", "flow", "hift")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+STAGE_PRECISIONS = {"llm": PRECISIONS, "flow": PRECISIONS, "hift": ("auto", "fp32", "bf16")}
+PRESETS = ("auto", "exact")
+HOP_UNIT = 25  # speech tokens per 50-frame DiT attention block
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_CACHE_DIR = "~/.cache/cosyvoice-worker"
+MAX_THREADS = 1024
+
+# COSY_* variables that other parts of the worker own (server, run.sh). They are not knobs,
+# but they are not typos either: add a name here when another module starts reading one.
+OTHER_VARS: frozenset[str] = frozenset()
+
+
+class KnobError(ValueError):
+    """Bad ``COSY_*`` settings. ``problems`` holds one line per bad variable."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        n = len(problems)
+        head = "bad COSY_* setting" if n == 1 else f"{n} bad COSY_* settings"
+        super().__init__(head + ":\n  " + "\n  ".join(problems))
+
+
+class _Invalid(Exception):
+    """Raised by a parser: the text says what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# value parsers: str -> value, or _Invalid("what is allowed")
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    allowed = f"an integer >= {lo}" if hi is None else f"an integer in {lo}..{hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:
+            raise _Invalid(allowed) from None
+        if value < lo or (hi is not None and value > hi):
+            raise _Invalid(allowed)
+        return value
+
+    return parse
+
+
+def _hop_tokens(text: str) -> int:
+    allowed = f"a positive multiple of {HOP_UNIT} ({HOP_UNIT}, {2 * HOP_UNIT}, {3 * HOP_UNIT}, ...)"
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise _Invalid(allowed) from None
+    if value <= 0 or value % HOP_UNIT:
+        raise _Invalid(allowed)
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.lower()
+        if value not in options:
+            raise _Invalid("one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def _flag(text: str) -> bool:
+    value = text.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise _Invalid("0 or 1 (also true/false, yes/no, on/off)")
+
+
+def _log_level(text: str) -> str:
+    value = {"WARN": "WARNING", "FATAL": "CRITICAL"}.get(text.upper(), text.upper())
+    if value not in LOG_LEVELS:
+        raise _Invalid("one of " + ", ".join(LOG_LEVELS))
+    return value
+
+
+def _cache_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise _Invalid("a directory path (this path exists and is not a directory)")
+    return path
+
+
+def _cpus(usable: tuple[int, ...]) -> Callable[[str], tuple[int, ...]]:
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            cpus = parse_cpu_list(text)
+        except ValueError as e:
+            raise _Invalid(f"a cpu list like 0-3,8 ({e})") from None
+        outside = [c for c in cpus if c not in usable]
+        if outside:
+            raise _Invalid(
+                f"CPUs this process may use ({format_cpu_list(usable)}); "
+                f"not usable: {format_cpu_list(outside)}"
+            )
+        return cpus
+
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------
+# the knobs
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Every tunable of the worker, validated. Build with :meth:`from_env`."""
+
+    llm_threads: int
+    flow_threads: int
+    hift_threads: int
+    frontend_threads: int
+    llm_cpus: tuple[int, ...] | None = None
+    flow_cpus: tuple[int, ...] | None = None
+    hift_cpus: tuple[int, ...] | None = None
+    frontend_cpus: tuple[int, ...] | None = None
+    hop_tokens: int = 25
+    flow_steps: int = 10
+    precision: str = "auto"
+    llm_precision: str = "auto"
+    flow_precision: str = "auto"
+    hift_precision: str = "auto"
+    max_batch: int = 8
+    max_seq: int = 4096
+    cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR).expanduser())
+    cache_max_mb: int = 2048
+    compile: bool = True
+    log_level: str = "INFO"
+    # COSY_* variables that were set (not defaulted), for describe()
+    from_environment: tuple[str, ...] = ()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Knobs:
+        """Read and validate the ``COSY_*`` variables of ``env`` (default ``os.environ``).
+
+        Raises :class:`KnobError` naming every bad variable, its value and what is allowed,
+        and every unknown ``COSY_*`` variable with the closest known name.
+        """
+        env = os.environ if env is None else env
+        usable = usable_cpus()
+        parsers: dict[str, Callable[[str], Any]] = {
+            "hop_tokens": _hop_tokens,
+            "flow_steps": _int_in(1, 100),
+            "precision": _choice(PRESETS),
+            "max_batch": _int_in(1, 4096),
+            "max_seq": _int_in(1, 1 << 20),
+            "cache_dir": _cache_dir,
+            "cache_max_mb": _int_in(1),
+            "compile": _flag,
+            "log_level": _log_level,
+        }
+        for stage in THREAD_STAGES:
+            parsers[f"{stage}_threads"] = _int_in(1, MAX_THREADS)
+            parsers[f"{stage}_cpus"] = _cpus(usable)
+        for stage in PRECISION_STAGES:
+            parsers[f"{stage}_precision"] = _choice(STAGE_PRECISIONS[stage])
+
+        problems: list[str] = []
+        values: dict[str, Any] = {}
+        for name, parse in parsers.items():
+            var = env_var(name)
+            raw = env.get(var)
+            if raw is None or not raw.strip():
+                continue
+            try:
+                values[name] = parse(raw.strip())
+            except _Invalid as e:
+                problems.append(f"{var}={raw!r} is not allowed: expected {e}")
+
+        known = set(KNOWN_VARS) | OTHER_VARS
+        for var in sorted(k for k in env if k.startswith(PREFIX) and k not in known):
+            close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(
+                f"{var} is not a known variable{hint}; known: {', '.join(sorted(known))}"
+            )
+
+        if values.get("precision") == "exact":
+            for stage in PRECISION_STAGES:
+                chosen = values.get(f"{stage}_precision", "auto")
+                if chosen not in ("auto", "fp32"):
+                    var = env_var(f"{stage}_precision")
+                    problems.append(
+                        f"{var}={env[var]!r} contradicts COSY_PRECISION='exact' "
+                        "(fp32 everywhere): expected fp32 or auto, or unset COSY_PRECISION"
+                    )
+        if problems:
+            raise KnobError(problems)
+
+        set_vars = tuple(sorted(env_var(name) for name in values))
+        # Default thread plan: a stage pinned to CPUs uses one thread per pinned CPU; otherwise
+        # every stage may use every usable CPU (right in-process, where stages take turns).
+        default_threads = _default_threads(usable)
+        for stage in THREAD_STAGES:
+            cpus = values.get(f"{stage}_cpus")
+            values.setdefault(f"{stage}_threads", len(cpus) if cpus else default_threads)
+        return cls(**values, from_environment=set_vars)
+
+    # -----------------------------------------------------------------------------------------
+
+    def threads(self, stage: str) -> int:
+        """Intra-op threads of ``stage`` (one of :data:`THREAD_STAGES`)."""
+        return getattr(self, f"{_check_stage(stage, THREAD_STAGES)}_threads")
+
+    def cpus(self, stage: str) -> tuple[int, ...] | None:
+        """CPUs ``stage`` is pinned to, ``None`` to inherit the parent's affinity."""
+        return getattr(self, f"{_check_stage(stage, THREAD_STAGES)}_cpus")
+
+    def resolve_precision(self, stage: str, cpu_facts: Mapping[str, Any]) -> str:
+        """The dtype ``stage`` runs in on the host ``cpu_facts`` describes: fp32, bf16 or int8.
+
+        ``exact`` preset: fp32. A per-stage ``auto``: :func:`auto_precision`. An explicit
+        per-stage setting is returned as is (the stage refuses what it cannot do), except
+        bf16 on a CPU without native bf16 (AVX512_BF16 / AMX-BF16), which raises
+        :class:`KnobError`: emulated bf16 is many times slower than fp32.
+        """
+        stage = _check_stage(stage, PRECISION_STAGES)
+        if self.precision == "exact":
+            return "fp32"
+        chosen = getattr(self, f"{stage}_precision")
+        if chosen == "auto":
+            return auto_precision(stage, cpu_facts)
+        if chosen == "bf16" and not has_native_bf16(cpu_facts):
+            var = env_var(f"{stage}_precision")
+            raise KnobError(
+                [
+                    f"{var}='bf16' is not allowed on this CPU: expected fp32 or int8 "
+                    "(bf16 needs AVX512_BF16 or AMX; emulated bf16 is many times slower)"
+                ]
+            )
+        return chosen
+
+    def describe(self, cpu_facts: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """JSON-ready dict of every knob, for logs and benchmark reports.
+
+        With ``cpu_facts`` it also holds ``resolved_precision`` (stage -> dtype on that host).
+        """
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("_cpus"):
+                value = format_cpu_list(value) if value else None
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        if cpu_facts is not None:
+            out["resolved_precision"] = {
+                stage: self.resolve_precision(stage, cpu_facts) for stage in PRECISION_STAGES
+            }
+        return out
+
+    def apply_threads(self, stage: str) -> dict[str, Any]:
+        """Give this process ``stage``'s thread count and CPU affinity. Returns what was set.
+
+        Call it first thing in a stage process, before torch runs anything in parallel: the
+        affinity is set on every thread the process already has (``sched_setaffinity`` acts
+        per thread) and thread pools created later inherit it.
+        """
+        import torch
+
+        threads, cpus = self.threads(stage), self.cpus(stage)
+        if cpus is not None:
+            _set_process_affinity(cpus)
+        torch.set_num_threads(threads)
+        return {
+            "stage": stage,
+            "threads": torch.get_num_threads(),
+            "cpus": format_cpu_list(usable_cpus()),
+        }
+
+
+def auto_precision(stage: str, cpu_facts: Mapping[str, Any]) -> str:
+    """The ``auto`` policy of design.md, for what is implemented today.
+
+    - No native bf16 (AVX2-only hosts, AVX-512 without AVX512_BF16): fp32. Never bf16.
+    - AMX (tiles + bf16): ``flow`` -> bf16 (the DiT is compute-bound; AMX bf16 GEMM is ~7x
+      fp32). Everything else fp32.
+    - AVX512_BF16 without AMX (e.g. AMD Zen 4): fp32; bf16 there is native but only ~2x
+      fp32 GEMM, so it is an explicit opt-in (``COSY_FLOW_PRECISION=bf16``) until the
+      benchmark shows it pays.
+
+    Not implemented yet, so ``auto`` returns fp32 for them: bf16 LLM prefill and int8 LLM
+    decode weights on AMX hosts (the LLM stage has one precision today), int8 flow (ORT
+    MatMul-only INT8). HiFT stays fp32 by design (vocoders are the most
+    quantization-sensitive part). Each becomes ``auto`` only after the fidelity report passes.
+    """
+    stage = _check_stage(stage, PRECISION_STAGES)
+    if not has_native_bf16(cpu_facts):
+        return "fp32"
+    if stage == "flow" and has_amx(cpu_facts):
+        return "bf16"
+    return "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def env_var(name: str) -> str:
+    """Field name -> environment variable: ``hop_tokens`` -> ``COSY_HOP_TOKENS``."""
+    return PREFIX + name.upper()
+
+
+KNOWN_VARS: tuple[str, ...] = tuple(
+    sorted(env_var(f.name) for f in fields(Knobs) if f.name != "from_environment")
+)
+
+
+def _check_stage(stage: str, stages: tuple[str, ...]) -> str:
+    if stage not in stages:
+        raise ValueError(f"unknown stage {stage!r}: expected one of {', '.join(stages)}")
+    return stage
+
+
+def _default_threads(usable: tuple[int, ...]) -> int:
+    """All usable CPUs, capped by the cgroup's CPU quota when there is one."""
+    n = len(usable)
+    quota = cgroup_cpu_quota()
+    if quota:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, min(n, MAX_THREADS))
+
+
+def _set_process_affinity(cpus: tuple[int, ...]) -> None:
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
+def configure_logging(knobs: Knobs) -> None:
+    """Root logging at ``COSY_LOG_LEVEL`` (for entry points; libraries just log)."""
+    logging.basicConfig(
+        level=knobs.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
