@@ -16,6 +16,12 @@ Attention is split into separable steps (``Attention.project`` -> :func:`apply_r
 angles for explicit positions (``RotaryEmbedding.angles``) -> :func:`attend` ->
 ``Attention.to_out``), so an incremental per-block step can keep K/V of finished blocks as
 plain tensors and reuse everything else.
+
+``DiT.forward_chunk`` is that step: with block-causal attention a finished 50-frame block
+never changes, so a chunk of new frames (whole blocks, or the final partial one) is computed
+from the new frames alone plus, per layer, the roped K and the V of every earlier frame and
+the last ``kernel - 1`` inputs of each causal position conv. Cache in, new cache pieces out,
+all plain tensors (no module state), so the step exports to ONNX as it is.
 """
 
 from __future__ import annotations
@@ -45,6 +51,19 @@ def block_causal_mask(size: int, block: int, device: torch.device | None = None)
     pos = torch.arange(size, device=device)
     block_end = (torch.div(pos, block, rounding_mode="trunc") + 1) * block
     return pos.unsqueeze(0) < block_end.unsqueeze(1)
+
+
+def chunk_attention_mask(
+    start: int | torch.Tensor, n_new: int, n_past: int, block: int
+) -> torch.Tensor:
+    """(n_new, n_past + n_new) bool mask for new queries at absolute frames
+    ``start .. start + n_new - 1``: every past key is visible, new keys block-causally (by
+    absolute position, as :func:`block_causal_mask` rows ``start..`` restricted to them)."""
+    pos = start + torch.arange(n_new)  # (n_new,) absolute frames of the new queries/keys
+    block_end = (torch.div(pos, block, rounding_mode="floor") + 1) * block
+    new = pos.unsqueeze(0) < block_end.unsqueeze(1)  # (n_new, n_new)
+    past = torch.ones(n_new, n_past, dtype=torch.bool)
+    return torch.cat((past, new), dim=1)
 
 
 def attention_mask(mask: torch.Tensor, block: int) -> torch.Tensor | None:
@@ -102,6 +121,20 @@ class CausalConvPositionEmbedding(nn.Module):
         h = self.conv2(F.pad(h, (self.kernel_size - 1, 0)))
         return h.permute(0, 2, 1)
 
+    def forward_chunk(
+        self, x: torch.Tensor, ctx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, Tn, D) new frames; ctx (2, B, D, k-1): the k-1 frames before x at the input
+        of conv1 and of conv2 (zeros at the utterance start, like the left padding)
+        -> (B, Tn, D), the next ctx."""
+        keep = self.kernel_size - 1
+        h = torch.cat((ctx[0], x.permute(0, 2, 1)), dim=2)  # (B, D, k-1+Tn)
+        ctx1 = h[:, :, -keep:]
+        h = torch.cat((ctx[1], self.conv1(h)), dim=2)  # (B, D, k-1+Tn)
+        ctx2 = h[:, :, -keep:]
+        h = self.conv2(h)  # (B, D, Tn)
+        return h.permute(0, 2, 1), torch.stack((ctx1, ctx2))
+
 
 class InputEmbedding(nn.Module):
     def __init__(self, mel_dim: int, mu_dim: int, spk_dim: int, dim: int):
@@ -116,6 +149,21 @@ class InputEmbedding(nn.Module):
         spks = spks.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, T, spk)
         h = self.proj(torch.cat((x, cond, mu, spks), dim=-1))
         return self.conv_pos_embed(h) + h
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        mu: torch.Tensor,
+        spks: torch.Tensor,
+        ctx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, cond: (B, Tn, mel); mu: (B, Tn, mu); spks: (B, spk); ctx (2, B, D, k-1)
+        # -> (B, Tn, D), next ctx
+        spks = spks.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, Tn, spk)
+        h = self.proj(torch.cat((x, cond, mu, spks), dim=-1))
+        pos, ctx = self.conv_pos_embed.forward_chunk(h, ctx)
+        return pos + h, ctx
 
 
 class RotaryEmbedding(nn.Module):
@@ -182,6 +230,26 @@ class Attention(nn.Module):
         # upstream zeroes rows by the last query's mask row (a no-op for unpadded input)
         return out.masked_fill(~mask[:, 0, -1].unsqueeze(-1), 0.0)
 
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        angles: torch.Tensor,
+        mask: torch.Tensor,
+        k_past: torch.Tensor,
+        v_past: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, Tn, D) new frames, angles (Tn, dim_head), mask (Tn, Tp+Tn) bool,
+        k_past/v_past (B, H, Tp, Dh) roped K / V of earlier frames
+        -> out (B, Tn, D), k/v of the new frames (B, H, Tn, Dh)."""
+        B, Tn, _ = x.shape
+        q, k, v = self.project(x, angles)  # (B, Tn, H*Dh)
+        q, k, v = (a.view(B, Tn, self.heads, -1).transpose(1, 2) for a in (q, k, v))
+        k_all = torch.cat((k_past, k), dim=2)  # (B, H, Tp+Tn, Dh)
+        v_all = torch.cat((v_past, v), dim=2)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, Tn, Dh)
+        out = out.transpose(1, 2).reshape(B, Tn, -1)  # (B, Tn, H*Dh)
+        return self.to_out[0](out), k, v
+
 
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int):
@@ -241,6 +309,24 @@ class DiTBlock(nn.Module):
         h = modulate(x, shift_mlp, scale_mlp)
         return x + gate_mlp.unsqueeze(1) * self.ff(h)
 
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        angles: torch.Tensor,
+        mask: torch.Tensor,
+        k_past: torch.Tensor,
+        v_past: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x (B, Tn, D), t (B, D), angles (Tn, dim_head), mask (Tn, Tp+Tn),
+        # k_past/v_past (B, H, Tp, Dh) -> x (B, Tn, D), k/v of the new frames (B, H, Tn, Dh)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(t)
+        h = modulate(x, shift_msa, scale_msa)
+        attn, k, v = self.attn.forward_chunk(h, angles, mask, k_past, v_past)
+        x = x + gate_msa.unsqueeze(1) * attn
+        h = modulate(x, shift_mlp, scale_mlp)
+        return x + gate_mlp.unsqueeze(1) * self.ff(h), k, v
+
 
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
@@ -292,3 +378,43 @@ class DiT(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, t_emb, angles, attn_mask)
         return self.head(h, t_emb)
+
+    def forward_chunk(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        cond: torch.Tensor,
+        spks: torch.Tensor,
+        t: torch.Tensor,
+        start: int | torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        conv_ctx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One incremental step of the block-causal (``streaming=True``) estimator.
+
+        x, mu, cond (B, 80, Tn): the new frames only, absolute frames ``start .. start+Tn-1``
+            (``start`` a block boundary; Tn whole blocks, or the utterance's last partial one)
+        spks (B, 80), t (B,) or ()
+        start: absolute index of the first new frame (prompt included) = frames in the cache
+        k_cache, v_cache (depth, B, H, start, Dh): roped K and V of all earlier frames
+        conv_ctx (2, B, D, 30): the last 30 inputs of the two position convs (zeros at start 0)
+        -> velocity (B, 80, Tn), k_new / v_new (depth, B, H, Tn, Dh) to append to the caches,
+           the next conv_ctx (2, B, D, 30).
+        Equals ``forward(..., streaming=True)`` over all frames, restricted to the new ones.
+        """
+        B, _, Tn = x.shape
+        if t.ndim == 0:
+            t = t.repeat(B)
+        t_emb = self.time_embed(t)  # (B, D)
+        h, conv_ctx = self.input_embed.forward_chunk(
+            x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks, conv_ctx
+        )  # (B, Tn, D)
+        angles = self.rotary_embed.angles(start + torch.arange(Tn))  # (Tn, dim_head)
+        mask = chunk_attention_mask(start, Tn, k_cache.shape[3], self.cfg.static_chunk_size)
+        k_new, v_new = [], []
+        for i, block in enumerate(self.transformer_blocks):
+            h, k, v = block.forward_chunk(h, t_emb, angles, mask, k_cache[i], v_cache[i])
+            k_new.append(k)
+            v_new.append(v)
+        return self.head(h, t_emb), torch.stack(k_new), torch.stack(v_new), conv_ctx

@@ -12,10 +12,16 @@ layout of ``flow.pt`` (:func:`checkpoint_shapes`, :func:`convert_checkpoint`,
     10 Euler steps from z = fixed_noise[:, :, :T] with CFG 0.7 -> mel[:, :, T_p:]
 With ``finalize=False`` the last ``pre_lookahead_len`` tokens are only lookahead context for
 the pre-lookahead layer, so the mel covers ``2 * (N - pre_lookahead_len)`` frames.
+
+:class:`FlowStream` is the incremental form of ``inference(streaming=True)`` for one request:
+chunks of whole 50-frame DiT blocks, each computed from its new frames alone plus, per Euler
+step, the K/V of every finished frame (:class:`StepCache`). Its concatenated output equals
+``inference(all tokens, streaming=True, finalize=True)``; each chunk costs the same.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -44,9 +50,27 @@ class PreLookaheadLayer(nn.Module):
         self.conv1 = nn.Conv1d(in_channels, channels, kernel_size=pre_lookahead_len + 1)
         self.conv2 = nn.Conv1d(channels, in_channels, kernel_size=3)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        # x (B, N, C), context (B, pre_lookahead_len, C) or None -> (B, N, C)
+    @property
+    def history_len(self) -> int:
+        """Tokens before x that conv2 (causal, k=3) sees through conv1: 2."""
+        return self.conv2.kernel_size[0] - 1
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # x (B, N, C), context (B, pre_lookahead_len, C) or None (zeros: end of utterance),
+        # history (B, history_len, C): the tokens just before x, or None (x starts the
+        # utterance: conv2 sees zero padding) -> (B, N, C)
         h = x.transpose(1, 2)  # (B, C, N)
+        if history is not None:
+            if history.shape[1] != self.history_len:
+                raise ValueError(
+                    f"history has {history.shape[1]} tokens, expected {self.history_len}"
+                )
+            h = torch.cat((history.transpose(1, 2), h), dim=2)  # (B, C, H + N)
         if context is None:
             h = F.pad(h, (0, self.pre_lookahead_len))
         else:
@@ -56,9 +80,26 @@ class PreLookaheadLayer(nn.Module):
                     f"expected {self.pre_lookahead_len}"
                 )
             h = torch.cat((h, context.transpose(1, 2)), dim=2)  # (B, C, N + L)
-        h = F.leaky_relu(self.conv1(h))  # (B, channels, N), slope 0.01
-        h = self.conv2(F.pad(h, (self.conv2.kernel_size[0] - 1, 0)))  # (B, C, N)
+        h = F.leaky_relu(self.conv1(h))  # (B, channels, [H +] N), slope 0.01
+        if history is None:
+            h = F.pad(h, (self.history_len, 0))
+        h = self.conv2(h)  # (B, C, N)
         return h.transpose(1, 2) + x
+
+
+def euler_schedule(n_timesteps: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (t (1,), dt ()) of each Euler step on upstream's cosine grid, with upstream's
+    arithmetic: ``t = t + dt``, then ``dt = t_span[s + 1] - t``."""
+    t_span = torch.linspace(0, 1, n_timesteps + 1, dtype=dtype)
+    t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # (n+1,)
+    t, dt = t_span[0].unsqueeze(0), t_span[1] - t_span[0]
+    steps = []
+    for step in range(1, len(t_span)):
+        steps.append((t, dt))
+        t = t + dt
+        if step < len(t_span) - 1:
+            dt = t_span[step + 1] - t
+    return steps
 
 
 class CFMDecoder(nn.Module):
@@ -81,9 +122,6 @@ class CFMDecoder(nn.Module):
         streaming: bool,
     ) -> torch.Tensor:
         # z, mu, cond: (1, 80, T); mask (1, 1, T); spks (1, 80) -> x (1, 80, T) float32
-        t_span = torch.linspace(0, 1, n_timesteps + 1, dtype=mu.dtype)
-        t_span = 1 - torch.cos(t_span * 0.5 * torch.pi)  # (n+1,)
-        t, dt = t_span[0].unsqueeze(0), t_span[1] - t_span[0]  # (1,), ()
         B, _, T = z.shape
         # CFG batch: row 0 conditioned, row 1 with mu/spks/cond zeroed
         mask_in = mask.expand(2 * B, 1, T).contiguous()  # (2, 1, T)
@@ -94,16 +132,13 @@ class CFMDecoder(nn.Module):
         cond_in = torch.zeros(2 * B, *cond.shape[1:], dtype=spks.dtype)
         cond_in[:B] = cond
         x = z
-        for step in range(1, len(t_span)):
+        for t, dt in euler_schedule(n_timesteps, mu.dtype):
             x_in = torch.cat((x, x), dim=0)  # (2, 80, T)
             t_in = t.expand(2 * B).contiguous()  # (2,)
             v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
             v, v_uncond = torch.split(v, [B, B], dim=0)
             v = (1.0 + self.cfg_rate) * v - self.cfg_rate * v_uncond
             x = x + dt * v
-            t = t + dt
-            if step < len(t_span) - 1:
-                dt = t_span[step + 1] - t
         return x.float()
 
 
@@ -128,10 +163,14 @@ class Flow(nn.Module):
         return self.input_embedding(torch.clamp(token, min=0))
 
     def pre_lookahead(
-        self, token_embeds: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        token_embeds: torch.Tensor,
+        context: torch.Tensor | None = None,
+        history: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, N, 80) [+ (B, pre_lookahead_len, 80) future context] -> (B, N, 80)."""
-        return self.pre_lookahead_layer(token_embeds, context)
+        """(B, N, 80) [+ (B, pre_lookahead_len, 80) future context] [+ (B, 2, 80) preceding
+        tokens, for a chunk that does not start the utterance] -> (B, N, 80)."""
+        return self.pre_lookahead_layer(token_embeds, context, history)
 
     @torch.inference_mode()
     def inference(
@@ -174,6 +213,211 @@ class Flow(nn.Module):
             streaming,
         )
         return mel[:, :, Tp:].float()
+
+
+class StepCache:
+    """One Euler step's state of a stream: the roped K and the V of every finished frame for
+    every DiT layer and both CFG rows, and the position-conv context.
+
+    K/V live in preallocated (depth, 2, H, capacity, Dh) buffers that grow geometrically, so
+    appends are amortized O(1); ``past()`` returns views, never copies. Growth is x1.5, not
+    x2: at official dims (fp32) a frame costs 22 layers x 2 CFG rows x (K+V) x 1024 x 4 B =
+    352 KiB per step, 3.4 MiB over the 10 steps, so overshoot matters more than the copies.
+    """
+
+    GROWTH = 1.5
+
+    def __init__(
+        self,
+        depth: int,
+        heads: int,
+        dim_head: int,
+        dim: int,
+        conv_ctx: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.k = torch.empty(depth, 2, heads, capacity, dim_head, dtype=dtype)
+        self.v = torch.empty(depth, 2, heads, capacity, dim_head, dtype=dtype)
+        self.length = 0  # finished frames held
+        self.conv_ctx = torch.zeros(2, 2, dim, conv_ctx, dtype=dtype)  # (conv, B, D, k-1)
+        self.reallocations = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (depth, 2, H, length, Dh) of the finished frames' K and V."""
+        return self.k[:, :, :, : self.length], self.v[:, :, :, : self.length]
+
+    def reserve(self, frames: int) -> None:
+        if frames <= self.capacity:
+            return
+        capacity = max(frames, math.ceil(self.capacity * self.GROWTH))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(*old.shape[:3], capacity, old.shape[4])
+            new[:, :, :, : self.length] = old[:, :, :, : self.length]
+            setattr(self, name, new)
+        self.reallocations += 1
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor, conv_ctx: torch.Tensor) -> None:
+        """k_new, v_new (depth, 2, H, Tn, Dh) of the next frames; conv_ctx (2, 2, D, k-1)."""
+        n = k_new.shape[3]
+        self.reserve(self.length + n)
+        self.k[:, :, :, self.length : self.length + n] = k_new
+        self.v[:, :, :, self.length : self.length + n] = v_new
+        self.length += n
+        self.conv_ctx = conv_ctx
+
+
+class FlowStream:
+    """Incremental block-causal flow for one request: tokens in, mel of finished frames out.
+
+    Chunks follow upstream's schedule with a fixed hop: the first hop is padded by
+    ``pad = ceil(P/25)*25 - P`` tokens so the prompt ends on a DiT block boundary (it covers
+    the prompt's frames too, which are computed but not returned); a non-final chunk of
+    ``hop`` tokens runs once ``hop + pre_lookahead_len`` tokens past the last chunk are known
+    (the lookahead tokens are right context, as upstream ``finalize=False``); the final chunk
+    takes every remaining token with zero right padding. Per chunk the 10 Euler steps run over
+    the new frames only, each step reading and extending its own :class:`StepCache`.
+
+    Concatenated output == ``flow.inference(all tokens, ..., streaming=True, finalize=True)``.
+    All state is per object: requests never share anything mutable.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        prompt_token: torch.Tensor,  # (1, P) int
+        prompt_feat: torch.Tensor,  # (1, Tp, 80), Tp = 2P after upstream's alignment
+        embedding: torch.Tensor,  # (1, 192)
+        hop_tokens: int = 25,
+        capacity_frames: int | None = None,  # initial K/V capacity (default: first 2 chunks)
+    ):
+        cfg = flow.cfg
+        self.flow = flow
+        self.ratio = cfg.token_mel_ratio
+        self.block_tokens = cfg.dit.static_chunk_size // cfg.token_mel_ratio  # 25
+        if hop_tokens <= 0 or hop_tokens % self.block_tokens:
+            raise ValueError(
+                f"hop_tokens must be a positive multiple of {self.block_tokens}, got {hop_tokens}"
+            )
+        if prompt_token.shape[0] != 1:
+            raise ValueError(f"a stream takes batch 1, got {tuple(prompt_token.shape)}")
+        self.hop_tokens = hop_tokens
+        self.lookahead = cfg.pre_lookahead_len
+        self.history = flow.pre_lookahead_layer.history_len
+        P = prompt_token.shape[1]
+        pad = -P % self.block_tokens
+        # tokens of the next chunk: the first one holds the prompt, the pad and one hop
+        self.next_hop = P + pad + hop_tokens
+        self.prompt_frames = prompt_feat.shape[1]
+        with torch.inference_mode():
+            self.prompt_feat = prompt_feat.transpose(1, 2)  # (1, 80, Tp)
+            spks = flow.spk_projection(embedding)  # (1, 80)
+            self.spks = torch.cat((spks, torch.zeros_like(spks)))  # (2, 80): CFG row 1 zeroed
+            self.schedule = euler_schedule(cfg.n_timesteps, spks.dtype)
+            # token ids from absolute index ``token_base`` on (prompt first): only the ones
+            # still needed, i.e. the conv2 history of the next chunk and everything after
+            self.tokens = prompt_token.long()
+            self.token_base = 0
+            self.done = 0  # absolute tokens (prompt included) whose frames are computed
+            d = cfg.dit
+            first = self.ratio * (P + pad + hop_tokens)
+            capacity = capacity_frames or first + self.ratio * hop_tokens
+            self.caches = [
+                StepCache(d.depth, d.heads, d.dim_head, d.dim, POS_CONV_KERNEL - 1, capacity)
+                for _ in self.schedule
+            ]
+        self.frames_emitted = 0
+        self.finished = False
+
+    @property
+    def tokens_known(self) -> int:
+        """Absolute number of tokens given so far, prompt included."""
+        return self.token_base + self.tokens.shape[1]
+
+    def tokens_needed(self) -> int:
+        """Absolute tokens (prompt included) to know before the next non-final chunk runs:
+        its hop plus the lookahead tokens."""
+        return self.done + self.next_hop + self.lookahead
+
+    def ready(self) -> bool:
+        """Whether a non-final chunk can run."""
+        return not self.finished and self.tokens_known >= self.tokens_needed()
+
+    @torch.inference_mode()
+    def push(self, token: torch.Tensor | None = None, finalize: bool = False) -> torch.Tensor:
+        """Append new tokens (1, n) and compute every chunk that is ready; with ``finalize``
+        (no more tokens will come) also the final chunk over all remaining tokens.
+        -> mel (1, 80, F) of the newly finished frames after the prompt (F may be 0)."""
+        if self.finished:
+            raise RuntimeError("push after the final chunk")
+        if token is not None and token.shape[1]:
+            self.tokens = torch.cat((self.tokens, token.long()), dim=1)
+        mels = []
+        while self.ready():
+            mels.append(self._chunk(self.done + self.next_hop, final=False))
+            self.next_hop = self.hop_tokens
+        if finalize:
+            mels.append(self._chunk(self.tokens_known, final=True))
+            self.finished = True
+            self.caches = []  # the request is over: free its K/V now
+        out = torch.cat(mels, dim=2) if mels else self.spks.new_zeros(1, self.spks.shape[1], 0)
+        self.frames_emitted += out.shape[2]
+        return out
+
+    def _chunk(self, end: int, final: bool) -> torch.Tensor:
+        """Compute absolute tokens [self.done, end) -> their mel after the prompt (1, 80, F)."""
+        flow, start = self.flow, self.done
+        if end <= start:
+            return self.spks.new_zeros(1, self.spks.shape[1], 0)
+        # pre-lookahead: conv2 history on the left (zeros at the utterance start), the
+        # lookahead tokens on the right (zeros at the end)
+        lo = max(start - self.history, 0)
+        hi = self.tokens_known if final else end + self.lookahead
+        emb = flow.embed_tokens(self.tokens[:, lo - self.token_base : hi - self.token_base])
+        n_hist, n = start - lo, end - start
+        h = flow.pre_lookahead(
+            emb[:, n_hist : n_hist + n],
+            context=None if final else emb[:, n_hist + n :],
+            history=emb[:, :n_hist] if n_hist else None,
+        )  # (1, n, 80)
+        mu = h.repeat_interleave(self.ratio, dim=1).transpose(1, 2)  # (1, 80, Tn)
+        f0, f1 = self.ratio * start, self.ratio * end  # absolute frames of this chunk
+        Tn = f1 - f0
+        cond = mu.new_zeros(1, mu.shape[1], Tn)
+        if f0 < self.prompt_frames:
+            cond[:, :, : min(f1, self.prompt_frames) - f0] = self.prompt_feat[:, :, f0:f1]
+        mu_in = torch.cat((mu, torch.zeros_like(mu)))  # (2, 80, Tn): CFG row 1 zeroed
+        cond_in = torch.cat((cond, torch.zeros_like(cond)))
+        x = flow.noise.flow(f1)[:, :, f0:].to(mu.dtype)  # (1, 80, Tn): the fixed noise
+        estimator, cfg_rate = flow.decoder.estimator, flow.decoder.cfg_rate
+        for (t, dt), cache in zip(self.schedule, self.caches):
+            k_past, v_past = cache.past()
+            v, k_new, v_new, conv_ctx = estimator.forward_chunk(
+                torch.cat((x, x)),
+                mu_in,
+                cond_in,
+                self.spks,
+                t.expand(2).contiguous(),
+                f0,
+                k_past,
+                v_past,
+                cache.conv_ctx,
+            )  # v (2, 80, Tn)
+            if not final:
+                cache.append(k_new, v_new, conv_ctx)
+            v, v_uncond = torch.split(v, [1, 1], dim=0)
+            v = (1.0 + cfg_rate) * v - cfg_rate * v_uncond
+            x = x + dt * v
+        self.done = end
+        keep = max(self.done - self.history, 0)  # drop token ids no later chunk needs
+        self.tokens = self.tokens[:, keep - self.token_base :]
+        self.token_base = keep
+        return x.float()[:, :, max(self.prompt_frames - f0, 0) :]
 
 
 def checkpoint_shapes(cfg: FlowConfig) -> dict[str, tuple[int, ...]]:
