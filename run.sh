@@ -5,6 +5,7 @@
 #   ./run.sh demo [--dims tiny|official] [--model-dir DIR]   synthesize demo.wav
 #   ./run.sh test [pytest args]                               lint + default test suite
 #   ./run.sh verify MODEL_DIR GOLDEN_PT [--json] [--strict]   golden parity checker
+#   ./run.sh bench [--seconds 10,30] [--modes ...] [--repeat N]  streaming benchmark
 #   ./run.sh python ...                                       python inside the venv
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,6 +41,10 @@ case "$cmd" in
   verify)
     ensure_venv
     exec "$VENV/bin/python" -m worker.verify "$@"
+    ;;
+  bench)
+    ensure_venv
+    cd "$ROOT" && exec "$VENV/bin/python" -m tuning.bench "$@"
     ;;
   python)
     ensure_venv

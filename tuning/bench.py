@@ -221,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     host = {"cpu": cpu_facts(), "torch_threads": threads, "model_dir": str(model_dir)}
     if args.limits_seconds > 0:
         host["limits"] = measure_limits(threads, seconds=args.limits_seconds)
-    print(f"host: {host['cpu'].get('model_name')} | capability "
-          f"{host['cpu'].get('torch_cpu_capability')} | threads {threads}", flush=True)  # fmt: skip
+    cpu = host["cpu"]
+    isa = ",".join(k for k, v in (cpu.get("isa") or {}).items() if v)
+    print(f"host: {cpu.get('model_name')} | torch capability {cpu.get('torch_cpu_capability')} | "
+          f"threads {threads} | ISA {isa}", flush=True)  # fmt: skip
     if "limits" in host:
         lim = host["limits"]
         print(f"limits: weight streaming {_fmt(lim.get('gemv_fp32_gbs'), 1)} GB/s, "
