@@ -19,11 +19,12 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
+from tuning.knobs import Knobs
 from worker.flow import FlowStream
 from worker.hift import HiFTStream
 from worker.model_dir import CosyVoice3Models
@@ -136,6 +137,14 @@ class LLMBatcher:
             self.free.sort()
 
 
+def _threads(knobs: Knobs | None, stage: str) -> None:
+    """In-process, stages take turns on the same cores: switch intra-op threads per stage."""
+    if knobs is not None:
+        n = knobs.threads(stage)
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 class Token2Wav:
     """Per-request flow + HiFT streaming state.
 
@@ -144,8 +153,11 @@ class Token2Wav:
     every chunk costs the same. ``recompute``: upstream's strategy with the same kernels.
     """
 
-    def __init__(self, models: CosyVoice3Models, req: TTSRequest, mode: str):
+    def __init__(
+        self, models: CosyVoice3Models, req: TTSRequest, mode: str, knobs: Knobs | None = None
+    ):
         cfg = models.config
+        self.knobs = knobs
         self.models, self.mode = models, mode
         self.ratio = cfg.flow.token_mel_ratio
         self.lookahead = cfg.flow.pre_lookahead_len
@@ -190,6 +202,7 @@ class Token2Wav:
         need = self._need()
         final = len(self.tokens) < need
         end = len(self.tokens) if final else need - self.lookahead
+        _threads(self.knobs, "flow")
         t0 = time.perf_counter()
         if self.mode == "incremental":
             upto = len(self.tokens) if final else need
@@ -202,6 +215,7 @@ class Token2Wav:
                 token, self.prompt_token, self.prompt_feat, self.embedding,
                 streaming=not final, finalize=final,
             )[:, :, self.ratio * self.offset :]  # fmt: skip
+        _threads(self.knobs, "hift")
         t1 = time.perf_counter()
         if self.mode == "incremental":
             if final and self.hift.frames_in + mel.shape[2] == 0:
@@ -239,11 +253,24 @@ class _Active:
 class Engine:
     """Runs many requests at once; see the module docstring."""
 
-    def __init__(self, models: CosyVoice3Models, max_batch: int = 8, max_seq: int = 4096):
+    def __init__(
+        self,
+        models: CosyVoice3Models,
+        max_batch: int | None = None,
+        max_seq: int | None = None,
+        knobs: Knobs | None = None,
+    ):
+        """``knobs`` (default: ``Knobs.from_env()``) give the defaults: KV-cache slots and
+        length, hop size, flow steps (applied to ``models.flow``) and threads per stage."""
         if models.llm is None or models.flow is None or models.hift is None:
             raise ValueError("Engine needs all three stages loaded")
+        self.knobs = knobs or Knobs.from_env()
         self.models = models
-        self.llm = LLMBatcher(models, max_batch, max_seq)
+        if models.flow.cfg.n_timesteps != self.knobs.flow_steps:
+            models.flow.cfg = replace(models.flow.cfg, n_timesteps=self.knobs.flow_steps)
+        self.llm = LLMBatcher(
+            models, max_batch or self.knobs.max_batch, max_seq or self.knobs.max_seq
+        )
         self.pending: deque[tuple[str, TTSRequest]] = deque()
         self.active: dict[str, _Active] = {}
         self._ids = itertools.count()
@@ -253,6 +280,8 @@ class Engine:
         if req.mode not in MODES:
             raise RequestError(f"mode {req.mode!r}: choose from {MODES}")
         block = self.models.config.chunk_size
+        if req.hop_tokens is None:
+            req = replace(req, hop_tokens=self.knobs.hop_tokens)
         if req.hop_tokens <= 0 or req.hop_tokens % block:
             raise RequestError(
                 f"hop_tokens {req.hop_tokens}: must be a positive multiple of {block}"
@@ -288,12 +317,14 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[AudioChunk]:
         out: list[AudioChunk] = []
+        _threads(self.knobs, "llm")
         while self.pending and self.llm.can_admit():
             rid, req = self.pending.popleft()
-            a = _Active(rid, Token2Wav(self.models, req, req.mode), SilenceFilter(),
+            a = _Active(rid, Token2Wav(self.models, req, req.mode, self.knobs), SilenceFilter(),
                         t_start=time.perf_counter())  # fmt: skip
             self.active[rid] = a
             self.llm.admit(rid, req)
+        _threads(self.knobs, "llm")
         self.llm.step()
         for rid, a in list(self.active.items()):
             seq = self.llm.active[rid]

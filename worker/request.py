@@ -28,7 +28,7 @@ class TTSRequest:
     flow_prompt_speech: Tensor | None = None  # (1, P') int
     prompt_feat: Tensor | None = None  # (1, 2P', 80)
     request_id: str = ""
-    hop_tokens: int = 25
+    hop_tokens: int | None = None  # streaming hop (multiple of 25); None: COSY_HOP_TOKENS
     seed: int | None = None
     forced_tokens: Tensor | None = None  # benchmarks: decode exactly these, EOS ignored
     mode: str = "incremental"

@@ -81,7 +81,14 @@ class Voice:
 class Frontend:
     """Tokenizer, encoders and cache for one model dir; build requests with :meth:`requests`."""
 
-    def __init__(self, model_dir: str | Path, cache: PromptCache | None = None, threads: int = 1):
+    def __init__(
+        self, model_dir: str | Path, cache: PromptCache | None = None, threads: int | None = None
+    ):
+        """``threads``: ONNX Runtime intra-op threads (default ``COSY_FRONTEND_THREADS``)."""
+        if threads is None:
+            from tuning.knobs import Knobs
+
+            threads = Knobs.from_env().frontend_threads
         self.model_dir = Path(model_dir)
         self.config = read_model_config(self.model_dir)
         self.tokenizer = CosyVoice3Tokenizer(self.model_dir / QWEN_DIR)
