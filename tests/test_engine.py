@@ -162,3 +162,15 @@ def test_no_sleep_polling_in_the_engine():
     for path in list((REPO / "worker").rglob("*.py")) + list((REPO / "cache").rglob("*.py")):
         text = path.read_text()
         assert not re.search(r"\btime\.sleep\(|\bsleep\(", text), path
+
+
+def test_knobs_set_engine_defaults(models, flow_in):
+    from tuning.knobs import Knobs
+
+    knobs = Knobs.from_env({"COSY_HOP_TOKENS": "50", "COSY_MAX_BATCH": "3", "COSY_MAX_SEQ": "900"})
+    eng = Engine(models, knobs=knobs)
+    assert len(eng.llm.free) == 3 and eng.llm.max_seq == 900
+    chunks = _collect(eng, [_req(flow_in, "k", n=150)])["k"]
+    assert [c.tokens for c in chunks[:-1]] == [50 + 13, 50]  # hop from COSY_HOP_TOKENS
+    explicit = _collect(Engine(models, knobs=knobs), [_req(flow_in, "e", n=150, hop_tokens=25)])
+    assert explicit["e"][1].tokens == 25  # a request's own hop wins
