@@ -110,3 +110,19 @@ def test_silence_filter_drops_after_five_in_a_row():
     f = SilenceFilter()
     kept = [f.keep(t) for t in [1, 2, 28, 29, 55, 248, 494, 100, 1]]
     assert kept == [True] * 5 + [False, False, True, True]
+
+
+def test_skinny_linear_matches_f_linear():
+    """Batched decode rows use W @ x.T (faster small-M kernel); one row stays F.linear."""
+    import torch.nn.functional as F
+
+    from worker.llm import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(64, 96, bias=True)
+    one = torch.randn(1, 1, 64)
+    assert torch.equal(lin(one), F.linear(one, lin.weight, lin.bias))
+    four = torch.randn(4, 1, 64)
+    assert (lin(four) - F.linear(four, lin.weight, lin.bias)).abs().max() <= 1e-5
+    nobias = Linear(64, 96, bias=False)
+    assert (nobias(four) - F.linear(four, nobias.weight)).abs().max() <= 1e-5
