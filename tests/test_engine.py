@@ -174,3 +174,16 @@ def test_knobs_set_engine_defaults(models, flow_in):
     assert [c.tokens for c in chunks[:-1]] == [50 + 13, 50]  # hop from COSY_HOP_TOKENS
     explicit = _collect(Engine(models, knobs=knobs), [_req(flow_in, "e", n=150, hop_tokens=25)])
     assert explicit["e"][1].tokens == 25  # a request's own hop wins
+
+
+def test_zero_and_few_tokens_end_cleanly(models, flow_in):
+    """An utterance with no speech tokens ends with one empty final chunk; a very short one
+    (shorter than the first hop) comes out whole in its final chunk."""
+    eng = Engine(models, max_batch=2, max_seq=1024)
+    empty = _req(flow_in, "z", n=0)
+    short = _req(flow_in, "s", n=5)
+    out = _collect(eng, [empty, short])
+    assert [(c.final, c.audio.numel()) for c in out["z"]] == [(True, 0)]
+    assert [c.final for c in out["s"]] == [True]
+    assert out["s"][0].audio.numel() == 5 * 2 * 480 and out["s"][0].tokens == 5
+    assert not eng.has_work() and eng.llm.can_admit()

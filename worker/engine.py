@@ -93,7 +93,10 @@ class LLMBatcher:
         seq.pos = L
         self.stats["prefill_s"] += time.perf_counter() - t0
         self.active[rid] = seq
-        self._sample(seq, llm.logp(hidden[:, -1])[0])
+        if max_len == 0:
+            seq.llm_done = True
+        else:
+            self._sample(seq, llm.logp(hidden[:, -1])[0])
 
     def _sample(self, seq: _Seq, logp: Tensor) -> None:
         i = len(seq.decoded)
