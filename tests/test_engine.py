@@ -187,3 +187,15 @@ def test_zero_and_few_tokens_end_cleanly(models, flow_in):
     assert [c.final for c in out["s"]] == [True]
     assert out["s"][0].audio.numel() == 5 * 2 * 480 and out["s"][0].tokens == 5
     assert not eng.has_work() and eng.llm.can_admit()
+
+
+def test_second_request_with_same_voice_reuses_prompt_blocks(models, flow_in, golden):
+    """P = 37: the first (37 - 3) // 25 = 1 prompt block is computed once per voice."""
+    eng = Engine(models, max_batch=2, max_seq=1024)
+    first = _collect(eng, [_req(flow_in, "v1", n=80)])["v1"]
+    assert (eng.prompt_kv.hits, eng.prompt_kv.misses) == (0, 1)
+    second = _collect(eng, [_req(flow_in, "v2", n=80)])["v2"]
+    assert (eng.prompt_kv.hits, eng.prompt_kv.misses) == (1, 1)
+    a = torch.cat([c.audio for c in first])
+    b = torch.cat([c.audio for c in second])
+    assert torch.equal(a, b)

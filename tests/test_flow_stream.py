@@ -166,7 +166,10 @@ def test_each_chunk_computes_only_its_new_frames(flow, requests, monkeypatch, ho
     assert len(calls) % steps == 0
     chunks = [calls[i : i + steps] for i in range(0, len(calls), steps)]
     first = math.ceil(P / BLOCK_TOKENS) * BLOCK_TOKENS + hop  # tokens, prompt included
-    expect = [2 * first] + [2 * hop] * ((P + N - 3 - first) // hop)
+    # the prompt-only blocks (ending >= 3 tokens before the prompt's end) run on their own
+    prefix = (P - 3) // BLOCK_TOKENS * BLOCK_TOKENS
+    expect = [2 * prefix] if prefix else []
+    expect += [2 * (first - prefix)] + [2 * hop] * ((P + N - 3 - first) // hop)
     expect.append(2 * (P + N) - sum(expect))  # final: everything left
     assert [c[0][0] for c in chunks] == expect
     done = 0
@@ -241,3 +244,30 @@ def test_short_utterance_is_one_final_chunk(flow, requests):
 def test_hop_must_be_whole_blocks(flow, requests, hop):
     with pytest.raises(ValueError, match="multiple of 25"):
         FlowStream(flow, *requests[37][1:], hop_tokens=hop)
+
+
+def test_prompt_blocks_are_reused_across_requests(flow, requests):
+    """A second request with the same voice restores the prompt-only blocks from the store
+    instead of computing them, and its output is identical (bit for bit) to a fresh stream's."""
+    from worker.flow import PromptKVStore
+
+    token, prompt_token, prompt_feat, embedding = requests[50]  # P = 50: 1 prompt-only block
+    store = PromptKVStore(max_bytes=1 << 30)
+    first = FlowStream(flow, prompt_token, prompt_feat, embedding, prompt_store=store)
+    a = torch.cat(run_stream(first, token), dim=2)
+    second = FlowStream(flow, prompt_token, prompt_feat, embedding, prompt_store=store)
+    b = torch.cat(run_stream(second, token), dim=2)
+    plain = torch.cat(run_stream(FlowStream(flow, prompt_token, prompt_feat, embedding), token), 2)
+    assert not first.prefix_reused and second.prefix_reused
+    assert (store.hits, store.misses) == (1, 1)
+    assert torch.equal(a, b) and torch.equal(a, plain)
+    other = embedding + 0.1  # another voice: not reused
+    third = FlowStream(flow, prompt_token, prompt_feat, other, prompt_store=store)
+    run_stream(third, token)
+    assert not third.prefix_reused
+    assert PromptKVStore(max_bytes=0).max_bytes == 0
+    tiny = PromptKVStore(max_bytes=1)
+    FlowStream(flow, prompt_token, prompt_feat, embedding, prompt_store=tiny)
+    s = FlowStream(flow, prompt_token, prompt_feat, embedding, prompt_store=tiny)
+    run_stream(s, token)
+    assert not tiny.entries  # larger than the cap: not kept

@@ -212,7 +212,8 @@ def test_other_owned_cosy_variables_are_not_typos(monkeypatch):
 
 
 def test_known_vars_cover_every_field():
-    assert len(KNOWN_VARS) == 20
+    assert len(KNOWN_VARS) == 21
+    assert "COSY_PROMPT_KV_MB" in KNOWN_VARS
     assert "COSY_FRONTEND_CPUS" in KNOWN_VARS and "COSY_FROM_ENVIRONMENT" not in KNOWN_VARS
 
 
@@ -300,3 +301,10 @@ def test_apply_threads_sets_torch_threads_and_affinity(monkeypatch):
             except ProcessLookupError:
                 pass
         torch.set_num_threads(before)
+
+
+def test_prompt_kv_mb():
+    assert Knobs.from_env({}).prompt_kv_mb == 2048
+    assert Knobs.from_env({"COSY_PROMPT_KV_MB": "0"}).prompt_kv_mb == 0
+    with pytest.raises(KnobError, match="COSY_PROMPT_KV_MB"):
+        Knobs.from_env({"COSY_PROMPT_KV_MB": "-1"})

@@ -26,6 +26,7 @@ from tuning.baseline import default_model_dir
 from tuning.cpu import cpu_facts, measure_limits
 from worker.config import ModelConfig
 from worker.engine import Engine, LLMBatcher, Token2Wav
+from worker.flow import PromptKVStore
 from worker.model_dir import load_model_dir
 from worker.request import TTSRequest
 
@@ -65,26 +66,42 @@ def dit_flops(cfg: ModelConfig, new_frames: int, ctx_frames: int) -> float:
     return cfg.flow.n_timesteps * 2 * new_frames * body
 
 
-def make_request(cfg: ModelConfig, n_tokens: int, mode: str, seed: int, with_llm: bool):
+def make_request(
+    cfg: ModelConfig, n_tokens: int, mode: str, seed: int, with_llm: bool, voice_seed=None
+):
+    """Forced-token request; the voice (prompt tokens, mel, embedding) comes from
+    ``voice_seed`` (default ``seed``): the same voice_seed means the same speaker."""
+    gv = torch.Generator().manual_seed(seed if voice_seed is None else voice_seed)
+    prompt = torch.randint(0, cfg.flow.vocab_size, (1, PROMPT_TOKENS), generator=gv)
+    prompt_feat = torch.randn(1, 2 * PROMPT_TOKENS, cfg.flow.output_size, generator=gv)
+    embedding = torch.randn(1, cfg.flow.spk_embed_dim, generator=gv)
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, cfg.flow.vocab_size, (1, PROMPT_TOKENS), generator=g)
     return TTSRequest(
         text_ids=torch.randint(0, 5000, (1, max(1, n_tokens // 10)), generator=g),
         prompt_text_ids=torch.randint(0, 5000, (1, 20), generator=g),
         llm_prompt_speech=prompt,
         flow_prompt_speech=prompt,
-        prompt_feat=torch.randn(1, 2 * PROMPT_TOKENS, cfg.flow.output_size, generator=g),
-        embedding=torch.randn(1, cfg.flow.spk_embed_dim, generator=g),
+        prompt_feat=prompt_feat,
+        embedding=embedding,
         forced_tokens=torch.randint(0, cfg.llm.speech_token_size, (n_tokens,), generator=g),
         mode=mode,
         request_id=f"bench-{mode}-{n_tokens}",
     )
 
 
-def run_stream(models, engine, n_tokens: int, mode: str, stages: set[str], seed: int) -> dict:
+def run_stream(
+    models,
+    engine,
+    n_tokens: int,
+    mode: str,
+    stages: set[str],
+    seed: int,
+    voice_seed=None,
+    prompt_store=None,
+) -> dict:
     """One streamed utterance; returns timings and the (audio_s, compute_s) curve."""
     cfg = models.config
-    req = make_request(cfg, n_tokens, mode, seed, "llm" in stages)
+    req = make_request(cfg, n_tokens, mode, seed, "llm" in stages, voice_seed)
     sr = cfg.sample_rate
     curve, audio_samples, first = [(0.0, 0.0)], 0, None
     _reset_peak_rss()
@@ -100,7 +117,7 @@ def run_stream(models, engine, n_tokens: int, mode: str, stages: set[str], seed:
         llm_s = sum(engine.llm.stats[k] - stats0[k] for k in ("prefill_s", "decode_s"))
         flow_s, hift_s = fin["flow_s"], fin["hift_s"]
     else:  # tokens given up front: flow + HiFT only, through the engine's Token2Wav
-        t2w = Token2Wav(models, req, mode)
+        t2w = Token2Wav(models, req, mode, prompt_store=prompt_store)
         t2w.tokens = req.forced_tokens.tolist()
         llm_s, final = 0.0, False
         with torch.inference_mode():
@@ -205,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--batch-tokens", type=int, default=50)
     ap.add_argument("--limits-seconds", type=float, default=5.0, help="0 = skip host limits")
+    ap.add_argument(
+        "--same-voice",
+        action="store_true",
+        help="every run uses one voice: runs after the first reuse its prompt blocks",
+    )
     ap.add_argument("--json", default="bench.json")
     ap.add_argument("--plot", default="bench.png")
     args = ap.parse_args(argv)
@@ -242,10 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         for secs in seconds:
             n = int(round(secs * models.config.token_frame_rate))
             for mode in modes:
+                store = None
+                if args.same_voice:
+                    store = engine.prompt_kv if engine else PromptKVStore(2048 << 20)
+                vs = 0 if args.same_voice else None
                 runs = [
-                    run_stream(models, engine, n, mode, stages, seed=i) for i in range(args.repeat)
-                ]
+                    run_stream(models, engine, n, mode, stages, seed=i, voice_seed=vs,
+                               prompt_store=store)
+                    for i in range(args.repeat)
+                ]  # fmt: skip
                 r = _median_run(runs)
+                r["first_audio_runs"] = [x["first_audio_s"] for x in runs]
                 results.append(r)
                 msg = f"first audio {_fmt(r['first_audio_s'])} s, total {_fmt(r['total_s'])} s"
                 print(f"{mode:>11} {r['audio_s']:5.1f}s audio: {msg}, RTF {_fmt(r['rtf'])}")

@@ -184,6 +184,7 @@ class Knobs:
     max_seq: int = 4096
     cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR).expanduser())
     cache_max_mb: int = 2048
+    prompt_kv_mb: int = 2048  # in-memory per-speaker flow K/V of prompt-only DiT blocks; 0 = off
     compile: bool = True
     log_level: str = "INFO"
     # COSY_* variables that were set (not defaulted), for describe()
@@ -206,6 +207,7 @@ class Knobs:
             "max_seq": _int_in(1, 1 << 20),
             "cache_dir": _cache_dir,
             "cache_max_mb": _int_in(1),
+            "prompt_kv_mb": _int_in(0),
             "compile": _flag,
             "log_level": _log_level,
         }

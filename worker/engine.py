@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from tuning.knobs import Knobs
-from worker.flow import FlowStream
+from worker.flow import FlowStream, PromptKVStore
 from worker.hift import HiFTStream
 from worker.model_dir import CosyVoice3Models
 from worker.request import RequestError, TTSRequest
@@ -157,7 +157,12 @@ class Token2Wav:
     """
 
     def __init__(
-        self, models: CosyVoice3Models, req: TTSRequest, mode: str, knobs: Knobs | None = None
+        self,
+        models: CosyVoice3Models,
+        req: TTSRequest,
+        mode: str,
+        knobs: Knobs | None = None,
+        prompt_store: PromptKVStore | None = None,
     ):
         cfg = models.config
         self.knobs = knobs
@@ -175,14 +180,16 @@ class Token2Wav:
         P = self.prompt_token.shape[1]
         self.P = P
         self.pad = math.ceil(P / cfg.chunk_size) * cfg.chunk_size - P
-        self.base_hop = req.hop_tokens  # recompute mode doubles it, as upstream
+        hop = req.hop_tokens or (knobs.hop_tokens if knobs else cfg.chunk_size)
+        self.base_hop = hop  # recompute mode doubles it, as upstream
         self.tokens: list[int] = []
         self.offset = 0  # tokens (after the prompt) whose audio has been produced
         self.pushed = 0  # incremental: tokens handed to the FlowStream
         self.flow_s = self.hift_s = 0.0
         if mode == "incremental":
             self.flow = FlowStream(models.flow, self.prompt_token, self.prompt_feat,
-                                   self.embedding, hop_tokens=req.hop_tokens)  # fmt: skip
+                                   self.embedding, hop_tokens=hop,
+                                   prompt_store=prompt_store)  # fmt: skip
             self.hift = HiFTStream(models.hift)
         else:
             self.mel_cache: Tensor | None = None
@@ -274,6 +281,8 @@ class Engine:
         self.llm = LLMBatcher(
             models, max_batch or self.knobs.max_batch, max_seq or self.knobs.max_seq
         )
+        # per-voice flow state of the prompt-only DiT blocks (COSY_PROMPT_KV_MB)
+        self.prompt_kv = PromptKVStore(self.knobs.prompt_kv_mb << 20)
         self.pending: deque[tuple[str, TTSRequest]] = deque()
         self.active: dict[str, _Active] = {}
         self._ids = itertools.count()
@@ -323,7 +332,8 @@ class Engine:
         _threads(self.knobs, "llm")
         while self.pending and self.llm.can_admit():
             rid, req = self.pending.popleft()
-            a = _Active(rid, Token2Wav(self.models, req, req.mode, self.knobs), SilenceFilter(),
+            t2w = Token2Wav(self.models, req, req.mode, self.knobs, self.prompt_kv)
+            a = _Active(rid, t2w, SilenceFilter(),
                         t_start=time.perf_counter())  # fmt: skip
             self.active[rid] = a
             self.llm.admit(rid, req)

@@ -21,7 +21,9 @@ step, the K/V of every finished frame (:class:`StepCache`). Its concatenated out
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -272,6 +274,55 @@ class StepCache:
         self.conv_ctx = conv_ctx
 
 
+class PromptKVStore:
+    """In-memory LRU of the flow state after a prompt's *prompt-only* DiT blocks.
+
+    Blocks that end at least ``pre_lookahead_len`` tokens before the prompt's end depend only on
+    the prompt (tokens, mel, speaker embedding) and the fixed noise: their per-step K/V and conv
+    contexts are the same for every request with that voice. A stream that finds them here skips
+    those blocks (the first chunk, which carries the prompt, shrinks accordingly). Bounded by
+    bytes; ``max_bytes=0`` disables it.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = (
+            OrderedDict()
+        )
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _nbytes(snap) -> int:
+        return sum(t.numel() * t.element_size() for step in snap for t in step)
+
+    def get(self, key: str):
+        snap = self.entries.get(key)
+        if snap is None:
+            self.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.hits += 1
+        return snap
+
+    def put(self, key: str, snap) -> None:
+        size = self._nbytes(snap)
+        if size > self.max_bytes:
+            return
+        self.entries[key] = snap
+        self.entries.move_to_end(key)
+        while sum(self._nbytes(s) for s in self.entries.values()) > self.max_bytes:
+            self.entries.popitem(last=False)
+
+
+def _prompt_key(*tensors: torch.Tensor, n_steps: int) -> str:
+    h = hashlib.sha256(f"{n_steps}".encode())
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 class FlowStream:
     """Incremental block-causal flow for one request: tokens in, mel of finished frames out.
 
@@ -295,6 +346,7 @@ class FlowStream:
         embedding: torch.Tensor,  # (1, 192)
         hop_tokens: int = 25,
         capacity_frames: int | None = None,  # initial K/V capacity (default: first 2 chunks)
+        prompt_store: PromptKVStore | None = None,
     ):
         cfg = flow.cfg
         self.flow = flow
@@ -331,8 +383,46 @@ class FlowStream:
                 StepCache(d.depth, d.heads, d.dim_head, d.dim, POS_CONV_KERNEL - 1, capacity)
                 for _ in self.schedule
             ]
+        # prompt-only blocks: computed as a chunk of their own (identical results whether or
+        # not they come from ``prompt_store``), reused across requests with the same voice
+        self.prefix_tokens = max(0, (P - self.lookahead) // self.block_tokens) * self.block_tokens
+        self.prompt_store = prompt_store
+        self._prefix_key = (
+            _prompt_key(prompt_token, prompt_feat, embedding, n_steps=cfg.n_timesteps)
+            if prompt_store is not None and self.prefix_tokens
+            else None
+        )
+        self.prefix_reused = False
         self.frames_emitted = 0
         self.finished = False
+
+    def _run_prefix(self) -> None:
+        """Compute (or restore) the prompt-only blocks before the first real chunk."""
+        n = self.prefix_tokens
+        if n == 0 or self.done:
+            return
+        snap = self.prompt_store.get(self._prefix_key) if self._prefix_key else None
+        if snap is None:
+            self._chunk(n, final=False)  # returns no frames: all of them are prompt
+            if self._prefix_key:
+                snap = [
+                    (c.past()[0].clone(), c.past()[1].clone(), c.conv_ctx.clone())
+                    for c in self.caches
+                ]
+                self.prompt_store.put(self._prefix_key, snap)
+        else:
+            for cache, (k, v, ctx) in zip(self.caches, snap, strict=True):
+                cache.reserve(k.shape[3])
+                cache.k[:, :, :, : k.shape[3]] = k
+                cache.v[:, :, :, : v.shape[3]] = v
+                cache.length = k.shape[3]
+                cache.conv_ctx = ctx.clone()
+            self.done = n
+            keep = max(self.done - self.history, 0)
+            self.tokens = self.tokens[:, keep - self.token_base :]
+            self.token_base = keep
+            self.prefix_reused = True
+        self.next_hop -= n
 
     @property
     def tokens_known(self) -> int:
@@ -358,6 +448,8 @@ class FlowStream:
         if token is not None and token.shape[1]:
             self.tokens = torch.cat((self.tokens, token.long()), dim=1)
         mels = []
+        if self.ready() or finalize:
+            self._run_prefix()
         while self.ready():
             mels.append(self._chunk(self.done + self.next_hop, final=False))
             self.next_hop = self.hop_tokens
