@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from worker.flow import Flow, FlowStream, StepCache, load_flow
+from worker.flow import Flow, load_flow
+from worker.flow_stream import FlowStream, StepCache
 from worker.noise import fixed_noise_for
 
 MEL_TOL = 1e-4  # fp32 port vs upstream goldens (made on another CPU), see test_flow.py
@@ -249,7 +250,7 @@ def test_hop_must_be_whole_blocks(flow, requests, hop):
 def test_prompt_blocks_are_reused_across_requests(flow, requests):
     """A second request with the same voice restores the prompt-only blocks from the store
     instead of computing them, and its output is identical (bit for bit) to a fresh stream's."""
-    from worker.flow import PromptKVStore
+    from worker.flow_stream import PromptKVStore
 
     token, prompt_token, prompt_feat, embedding = requests[50]  # P = 50: 1 prompt-only block
     store = PromptKVStore(max_bytes=1 << 30)

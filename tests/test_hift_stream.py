@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from worker.hift import HiFTStream, load_hift
+from worker.hift import load_hift
+from worker.hift_stream import HiFTStream
 from worker.noise import fixed_noise_for
 
 STREAM_TOL = 1e-5  # stream vs. one-shot on the same CPU: only conv blocking differs (~1e-7)

@@ -26,7 +26,7 @@ from tuning.baseline import default_model_dir
 from tuning.cpu import cpu_facts, measure_limits
 from worker.config import ModelConfig
 from worker.engine import Engine, LLMBatcher, Token2Wav
-from worker.flow import PromptKVStore
+from worker.flow_stream import PromptKVStore
 from worker.model_dir import load_model_dir
 from worker.request import TTSRequest
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from tuning.knobs import Knobs
-from worker.flow import FlowStream, PromptKVStore
-from worker.hift import HiFTStream
+from worker.flow_stream import FlowStream, PromptKVStore
+from worker.hift_stream import HiFTStream
 from worker.model_dir import CosyVoice3Models
 from worker.request import RequestError, TTSRequest
 from worker.sampling import SilenceFilter, sampling_ids
