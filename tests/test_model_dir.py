@@ -197,3 +197,26 @@ def test_hift_old_weight_norm_keys_and_generator_prefix(random_dir, tmp_path):
     b = load_model_dir(d, stages=("hift",)).hift
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
+
+
+class _Evil:
+    """Pickles to a call of os.system: a weights_only load must refuse it, not run it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_code_is_refused_not_run(random_dir, tmp_path):
+    d = _copy(random_dir, tmp_path)
+    marker = tmp_path / "ran"
+    sd = torch.load(d / "flow.pt", weights_only=True)
+    sd["evil"] = _Evil(marker)
+    torch.save(sd, d / "flow.pt")
+    with pytest.raises(CheckpointError, match="flow.pt"):
+        load_model_dir(d)
+    assert not marker.exists()
