@@ -140,6 +140,17 @@ class LLMBatcher:
             self.free.sort()
 
 
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What one token2wav chunk ran on (for checks against upstream's schedule)."""
+
+    token_len: int  # tokens (after the prompt) given to the flow, lookahead included
+    token_offset: int  # first token whose audio this chunk produced
+    hop: int | None  # tokens advanced (None: the final chunk)
+    finalize: bool
+    mel: Tensor  # (1, 80, F) mel of the new frames
+
+
 def _threads(knobs: Knobs | None, stage: str) -> None:
     """In-process, stages take turns on the same cores: switch intra-op threads per stage."""
     if knobs is not None:
@@ -214,13 +225,13 @@ class Token2Wav:
         end = len(self.tokens) if final else need - self.lookahead
         _threads(self.knobs, "flow")
         t0 = time.perf_counter()
+        token_len = len(self.tokens) if final else need
         if self.mode == "incremental":
-            upto = len(self.tokens) if final else need
-            new = torch.tensor([self.tokens[self.pushed : upto]], dtype=torch.long)
-            self.pushed = upto
+            new = torch.tensor([self.tokens[self.pushed : token_len]], dtype=torch.long)
+            self.pushed = token_len
             mel = self.flow.push(new, finalize=final)
         else:
-            token = torch.tensor([self.tokens[: end + (0 if final else self.lookahead)]])
+            token = torch.tensor([self.tokens[:token_len]])
             mel = self.models.flow.inference(
                 token, self.prompt_token, self.prompt_feat, self.embedding,
                 streaming=not final, finalize=final,
@@ -244,6 +255,7 @@ class Token2Wav:
         self.flow_s += t1 - t0
         self.hift_s += time.perf_counter() - t1
         covered = end - self.offset
+        self.last = ChunkInfo(token_len, self.offset, None if final else covered, final, mel)
         self.offset = end
         return audio.reshape(-1), covered, final
 

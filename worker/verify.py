@@ -23,9 +23,10 @@ from torch import Tensor
 
 from worker.checkpoint import CheckpointError
 from worker.config import QWEN_DIR
+from worker.engine import Token2Wav
 from worker.hyperyaml import ConfigError
 from worker.model_dir import CosyVoice3Models, load_model_dir
-from worker.streaming import recompute_stream, upstream_schedule
+from worker.request import TTSRequest
 
 DEFAULT_TOL = 1e-4
 
@@ -180,31 +181,33 @@ def check_hift(m: CosyVoice3Models, g: dict, c: Checker) -> None:
 
 
 def check_stream(m: CosyVoice3Models, g: dict, c: Checker, golden: dict) -> None:
+    """Upstream's streaming (all tokens known, fresh hop state) through the engine's
+    ``recompute`` token2wav: schedule, kept mel and audio per chunk."""
     f = golden["flow"]
-    sched = upstream_schedule(
-        f["prompt_token"].shape[1], f["token"].shape[1], g["token_hop_len_initial"]
+    req = TTSRequest(
+        text_ids=torch.zeros(1, 1, dtype=torch.long),
+        embedding=f["embedding"],
+        flow_prompt_speech=f["prompt_token"].long(),
+        prompt_feat=f["prompt_feat"],
+        hop_tokens=g["token_hop_len_initial"],
+        mode="recompute",
     )
+    t2w = Token2Wav(m, req, "recompute")
+    t2w.tokens = f["token"][0].tolist()
+    infos, audios, final = [], [], False
+    while not final:
+        audio, _, final = t2w.chunk()
+        infos.append(t2w.last)
+        audios.append(audio[None])
     c.equal(
         "stream.schedule",
-        [[s.token_len, s.token_offset, s.hop or 0, s.finalize] for s in sched],
+        [[k.token_len, k.token_offset, k.hop or 0, k.finalize] for k in infos],
         [[k["token_len"], k["token_offset"], k["hop"] or 0, k["finalize"]] for k in g["chunks"]],
     )
-    mels, audios = [], []
-    chunks = recompute_stream(
-        m.flow,
-        m.hift,
-        f["token"],
-        f["prompt_token"],
-        f["prompt_feat"],
-        f["embedding"],
-        g["token_hop_len_initial"],
-    )
-    for i, ((_, mel, audio), ref) in enumerate(zip(chunks, g["chunks"], strict=False)):
-        c.close(f"stream.chunks[{i}].mel_kept", mel, ref["mel_kept"])
+    for i, (info, audio, ref) in enumerate(zip(infos, audios, g["chunks"], strict=False)):
+        c.close(f"stream.chunks[{i}].mel_kept", info.mel, ref["mel_kept"])
         c.close(f"stream.chunks[{i}].audio", audio, ref["audio"])
-        mels.append(mel)
-        audios.append(audio)
-    c.close("stream.mel_concat", torch.cat(mels, 2), g["mel_concat"])
+    c.close("stream.mel_concat", torch.cat([k.mel for k in infos], 2), g["mel_concat"])
     c.close("stream.audio_concat", torch.cat(audios, 1), g["audio_concat"])
     mel = m.flow.inference(
         f["token"], f["prompt_token"], f["prompt_feat"], f["embedding"], False, True
