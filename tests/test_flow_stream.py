@@ -272,3 +272,17 @@ def test_prompt_blocks_are_reused_across_requests(flow, requests):
     s = FlowStream(flow, prompt_token, prompt_feat, embedding, prompt_store=tiny)
     run_stream(s, token)
     assert not tiny.entries  # larger than the cap: not kept
+
+
+def test_adaln_modulations_are_memoized_only_in_inference_mode(flow):
+    est = flow.decoder.estimator
+    t = torch.tensor([0.25, 0.25])
+    est._mod_memo.clear()
+    with torch.inference_mode():
+        a = est.modulations(t)
+        b = est.modulations(t)
+        assert a is b and len(est._mod_memo) == 1
+    with torch.no_grad():
+        c = est.modulations(t)  # outside inference mode (e.g. export/tracing): recomputed
+    assert c is not a and len(est._mod_memo) == 1
+    assert torch.equal(c[0], a[0]) and all(torch.equal(p, q) for p, q in zip(c[1][0], a[1][0]))
