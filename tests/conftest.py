@@ -33,3 +33,18 @@ def tiny_config(tiny_dir: Path):
     from worker.config import read_model_config
 
     return read_model_config(tiny_dir)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute difference after checking the shapes agree."""
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != golden {tuple(b.shape)}"
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def flow(tiny_dir, tiny_config):
+    """The tiny fixture's flow with its fixed noise."""
+    from worker.flow import load_flow
+    from worker.noise import fixed_noise_for
+
+    return load_flow(tiny_dir / "flow.pt", tiny_config.flow, fixed_noise_for(tiny_config))

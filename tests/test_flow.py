@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from tests.conftest import max_abs
 from worker.checkpoint import (
     CheckpointError,
     assign_state_dict,
@@ -16,22 +17,12 @@ from worker.checkpoint import (
     meta_state_dict,
 )
 from worker.dit import apply_rotary, attend, attention_mask, block_causal_mask, rope_inv_freq
-from worker.flow import INV_FREQ_KEY, Flow, checkpoint_shapes, convert_checkpoint, load_flow
+from worker.flow import INV_FREQ_KEY, Flow, checkpoint_shapes, convert_checkpoint
 from worker.noise import fixed_noise_for
 
 # Goldens were made on an AVX2 CPU; with ATEN_CPU_CAPABILITY=avx2 (+ MKL/oneDNN limited to
 # AVX2) this port reproduces them bit for bit, on AVX-512 it differs by ~1e-6.
 MEL_TOL = 1e-4
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, f"shape {tuple(a.shape)} != golden {tuple(b.shape)}"
-    return (a.float() - b.float()).abs().max().item()
-
-
-@pytest.fixture(scope="module")
-def flow(tiny_dir, tiny_config) -> Flow:
-    return load_flow(tiny_dir / "flow.pt", tiny_config.flow, fixed_noise_for(tiny_config))
 
 
 @pytest.fixture(scope="module")

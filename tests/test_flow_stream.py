@@ -9,22 +9,11 @@ import math
 import pytest
 import torch
 
-from worker.flow import Flow, load_flow
+from tests.conftest import max_abs
 from worker.flow_stream import FlowStream, StepCache
-from worker.noise import fixed_noise_for
 
 MEL_TOL = 1e-4  # fp32 port vs upstream goldens (made on another CPU), see test_flow.py
 BLOCK_TOKENS = 25  # DiT block: static_chunk_size 50 frames / token_mel_ratio 2
-
-
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
-    return (a.float() - b.float()).abs().max().item()
-
-
-@pytest.fixture(scope="module")
-def flow(tiny_dir, tiny_config) -> Flow:
-    return load_flow(tiny_dir / "flow.pt", tiny_config.flow, fixed_noise_for(tiny_config))
 
 
 @pytest.fixture(scope="module")
