@@ -1,4 +1,5 @@
-"""CPU facts (checked against this host's /proc/cpuinfo and lscpu), cpu lists, measured limits."""
+"""Host facts (worker/host.py, checked against this host's /proc/cpuinfo and lscpu), cpu lists,
+and the measured limits of tuning/cpu.py (shapes of the report, never timings)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,9 @@ import pytest
 import torch
 
 import tuning.cpu as cpu_mod
-from tuning.cpu import (
-    ISA_FLAGS,
-    cpu_facts,
-    format_cpu_list,
-    measure_limits,
-    parse_cpu_list,
-    parse_cpuinfo,
-)
+import worker.host as host_mod
+from tuning.cpu import measure_limits
+from worker.host import ISA_FLAGS, cpu_facts, format_cpu_list, parse_cpu_list, parse_cpuinfo
 
 # --- cpu lists --------------------------------------------------------------------------------
 
@@ -140,7 +136,7 @@ def test_facts_are_json_ready(facts):
 
 
 def test_facts_without_proc_or_sys(monkeypatch):
-    monkeypatch.setattr(cpu_mod, "_read", lambda path: None)
+    monkeypatch.setattr(host_mod, "_read", lambda path: None)
     facts = cpu_facts()
     assert facts["vendor"] is None and not any(facts["isa"].values())
     assert facts["native_bf16"] is False and facts["llc_bytes"] is None
@@ -156,7 +152,7 @@ def test_measure_limits_tiny_budget_gives_positive_numbers():
     assert limits["gemv_fp32_gbs"] > 0 and limits["gemm_fp32_gflops"] > 0
     assert limits["gemm_bf16_gflops"] > 0
     assert limits["gemv_bytes"] == 4 << 20 and limits["gemm_shape"] == [64, 64, 64]
-    assert limits["gemv_reps"] >= 3 and limits["seconds"] < 2
+    assert limits["gemv_reps"] >= 3
     assert torch.get_num_threads() == before
     no_bf16 = measure_limits(1, 0.01, gemv_mb=1, gemm_shape=(32, 32, 32), bf16=False)
     assert no_bf16["gemm_bf16_gflops"] is None
@@ -186,4 +182,3 @@ def test_measure_limits_on_this_host():
     assert limits["gemv_bytes"] >= 256 << 20
     assert limits["gemv_fp32_gbs"] > 1 and limits["gemm_fp32_gflops"] > 5
     assert (limits["gemm_bf16_gflops"] is not None) == facts["native_bf16"]
-    assert limits["seconds"] < 15

@@ -165,7 +165,7 @@ def test_no_sleep_polling_in_the_engine():
 
 
 def test_knobs_set_engine_defaults(models, flow_in):
-    from tuning.knobs import Knobs
+    from worker.settings import Knobs
 
     knobs = Knobs.from_env({"COSY_HOP_TOKENS": "50", "COSY_MAX_BATCH": "3", "COSY_MAX_SEQ": "900"})
     eng = Engine(models, knobs=knobs)

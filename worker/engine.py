@@ -24,12 +24,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from tuning.knobs import Knobs
 from worker.flow_stream import FlowStream, PromptKVStore
 from worker.hift_stream import HiFTStream
 from worker.model_dir import CosyVoice3Models
 from worker.request import RequestError, TTSRequest
 from worker.sampling import SilenceFilter, sampling_ids
+from worker.settings import Knobs
 
 MODES = ("incremental", "recompute")
 

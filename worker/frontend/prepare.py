@@ -86,7 +86,7 @@ class Frontend:
     ):
         """``threads``: ONNX Runtime intra-op threads (default ``COSY_FRONTEND_THREADS``)."""
         if threads is None:
-            from tuning.knobs import Knobs
+            from worker.settings import Knobs
 
             threads = Knobs.from_env().frontend_threads
         self.model_dir = Path(model_dir)

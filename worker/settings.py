@@ -1,8 +1,11 @@
-"""The worker's knobs: one frozen, validated :class:`Knobs` built from ``COSY_*`` variables.
+"""The runtime settings: one frozen, validated :class:`Knobs` built from ``COSY_*`` variables.
 
-``Knobs.from_env()`` reads every knob once, checks it, and raises one :class:`KnobError`
-listing every bad value (variable, value, what is allowed) and every unknown ``COSY_*``
-variable (a typo, with the closest known name). An empty value means "use the default".
+This is the one reader of ``COSY_*`` in the worker (the prompt cache, the engine, the server
+and the stage processes all take a :class:`Knobs`). ``Knobs.from_env()`` reads every knob
+once, checks it, and raises one :class:`KnobError` listing every bad value (variable, value,
+what is allowed) and every unknown ``COSY_*`` variable (a typo, with the closest known name).
+An empty value means "use the default". Tests build ``Knobs.from_env({...})`` explicitly, so
+a stray ``COSY_*`` in the environment changes no test.
 
 | variable | meaning | default |
 |---|---|---|
@@ -11,14 +14,22 @@ variable (a typo, with the closest known name). An empty value means "use the de
 | ``COSY_HOP_TOKENS`` | speech tokens per streamed hop, multiple of 25 | 25 |
 | ``COSY_FLOW_STEPS`` | Euler steps of the flow ODE, 1..100 | 10 |
 | ``COSY_PRECISION`` | preset: ``auto`` (per-host policy) or ``exact`` (fp32 everywhere) | auto |
-| ``COSY_{LLM,FLOW}_PRECISION`` | ``auto``, ``fp32``, ``bf16``, ``int8`` | auto |
-| ``COSY_HIFT_PRECISION`` | ``auto``, ``fp32``, ``bf16`` | auto |
+| ``COSY_{LLM,FLOW,HIFT}_PRECISION`` | ``auto`` or ``fp32`` (bf16/int8: not yet) | auto |
 | ``COSY_MAX_BATCH`` | concurrent LLM sequences (KV cache slots) | 8 |
 | ``COSY_MAX_SEQ`` | KV cache positions per sequence | 4096 |
 | ``COSY_CACHE_DIR`` | prompt cache directory | ``~/.cache/cosyvoice-worker`` |
-| ``COSY_CACHE_MAX_MB`` | prompt cache size cap | 2048 |
-| ``COSY_COMPILE`` | ``torch.compile`` the hot paths, 0 or 1 | 1 |
+| ``COSY_CACHE_MAX_MB`` | prompt cache size cap, MiB (``inf``: no cap) | 2048 |
+| ``COSY_COMPILE`` | ``torch.compile``: only 0 today (1 is refused: not implemented yet) | 0 |
 | ``COSY_LOG_LEVEL`` | DEBUG, INFO, WARNING, ERROR, CRITICAL | INFO |
+| ``COSY_MODEL_DIR`` | model dir for ``run.sh serve`` / the server | none |
+| ``COSY_BIND`` | ROUTER address, ``tcp://host:port`` or ``ipc://path`` | tcp://127.0.0.1:5555 |
+| ``COSY_CPUS`` | ``run.sh serve``: the whole worker under ``taskset -c`` | inherit |
+| ``COSY_MAX_ACTIVE`` | requests in flight through the stages | 4 |
+| ``COSY_MAX_QUEUE`` | admitted requests waiting behind them; beyond: ``overloaded`` | 16 |
+| ``COSY_MAX_KV_GB`` | flow K/V memory the in-flight requests may reach (estimated) | 8 |
+| ``COSY_REQUEST_TIMEOUT_S`` | deadline of a request, seconds | 300 |
+| ``COSY_MAX_FRAME_MB`` | largest request frame (the prompt audio file) | 16 |
+| ``COSY_TORCH_PROFILE`` | directory: each stage writes a ``torch.profiler`` table and trace | off |
 
 Default threads: a stage pinned with ``COSY_<STAGE>_CPUS`` gets one thread per pinned CPU;
 otherwise every stage gets all usable CPUs (affinity mask, capped by a cgroup CPU quota).
@@ -39,11 +50,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tuning.cpu import (
+from worker.host import (
     cgroup_cpu_quota,
     format_cpu_list,
-    has_amx,
-    has_native_bf16,
     parse_cpu_list,
     usable_cpus,
 )
@@ -51,8 +60,10 @@ from tuning.cpu import (
 PREFIX = "COSY_"
 THREAD_STAGES = ("llm", "flow", "hift", "frontend")
 PRECISION_STAGES = ("llm", "flow", "hift")
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
-STAGE_PRECISIONS = {"llm": PRECISIONS, "flow": PRECISIONS, "hift": ("auto", "fp32", "bf16")}
+PRECISIONS = ("auto", "fp32")  # bf16 / int8 come with the speed work (not implemented yet)
+NOT_YET = {"bf16", "int8"}
+STAGE_PRECISIONS = {"llm": PRECISIONS, "flow": PRECISIONS, "hift": PRECISIONS}
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
 PRESETS = ("auto", "exact")
 HOP_UNIT = 25  # speech tokens per 50-frame DiT attention block
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -108,14 +119,55 @@ def _hop_tokens(text: str) -> int:
     return value
 
 
-def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+def _choice(options: tuple[str, ...], not_yet: frozenset[str] = frozenset()) -> Callable:
     def parse(text: str) -> str:
         value = text.lower()
+        if value in not_yet:
+            raise _Invalid(
+                "one of " + ", ".join(options) + f" ({value!r} is not implemented yet: "
+                "every stage runs fp32 today)"
+            )
         if value not in options:
             raise _Invalid("one of " + ", ".join(options))
         return value
 
     return parse
+
+
+def _positive_float(allow_inf: bool = False) -> Callable[[str], float]:
+    allowed = "a number > 0" + (" (or inf for no limit)" if allow_inf else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise _Invalid(allowed) from None
+        if math.isnan(value) or value <= 0 or (math.isinf(value) and not allow_inf):
+            raise _Invalid(allowed)
+        return value
+
+    return parse
+
+
+def _compile(text: str) -> bool:
+    if _flag(text):
+        raise _Invalid("0 (torch.compile is not implemented yet: the stages run eager)")
+    return False
+
+
+def _bind(text: str) -> str:
+    allowed = "tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555) or ipc:///path"
+    if text.startswith("ipc://") and len(text) > len("ipc://"):
+        return text
+    if text.startswith("tcp://"):
+        host, sep, port = text[len("tcp://") :].rpartition(":")
+        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+            return text
+    raise _Invalid(allowed)
+
+
+def _dir_path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
 def _flag(text: str) -> bool:
@@ -183,10 +235,20 @@ class Knobs:
     max_batch: int = 8
     max_seq: int = 4096
     cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR).expanduser())
-    cache_max_mb: int = 2048
+    cache_max_mb: float = 2048.0  # math.inf: no cap
     prompt_kv_mb: int = 2048  # in-memory per-speaker flow K/V of prompt-only DiT blocks; 0 = off
-    compile: bool = True
+    compile: bool = False
     log_level: str = "INFO"
+    # the service (worker/server.py, run.sh serve)
+    model_dir: Path | None = None
+    bind: str = DEFAULT_BIND
+    cpus: tuple[int, ...] | None = None  # run.sh serve: taskset -c for the whole worker
+    max_active: int = 4
+    max_queue: int = 16
+    max_kv_gb: float = 8.0
+    request_timeout_s: float = 300.0
+    max_frame_mb: float = 16.0
+    torch_profile: Path | None = None
     # COSY_* variables that were set (not defaulted), for describe()
     from_environment: tuple[str, ...] = ()
 
@@ -206,16 +268,25 @@ class Knobs:
             "max_batch": _int_in(1, 4096),
             "max_seq": _int_in(1, 1 << 20),
             "cache_dir": _cache_dir,
-            "cache_max_mb": _int_in(1),
+            "cache_max_mb": _positive_float(allow_inf=True),
             "prompt_kv_mb": _int_in(0),
-            "compile": _flag,
+            "compile": _compile,
             "log_level": _log_level,
+            "model_dir": _dir_path,
+            "bind": _bind,
+            "cpus": _cpus(usable),
+            "max_active": _int_in(1, 4096),
+            "max_queue": _int_in(0, 1 << 20),
+            "max_kv_gb": _positive_float(),
+            "request_timeout_s": _positive_float(),
+            "max_frame_mb": _positive_float(),
+            "torch_profile": _dir_path,
         }
         for stage in THREAD_STAGES:
             parsers[f"{stage}_threads"] = _int_in(1, MAX_THREADS)
             parsers[f"{stage}_cpus"] = _cpus(usable)
         for stage in PRECISION_STAGES:
-            parsers[f"{stage}_precision"] = _choice(STAGE_PRECISIONS[stage])
+            parsers[f"{stage}_precision"] = _choice(STAGE_PRECISIONS[stage], frozenset(NOT_YET))
 
         problems: list[str] = []
         values: dict[str, Any] = {}
@@ -264,17 +335,16 @@ class Knobs:
         """Intra-op threads of ``stage`` (one of :data:`THREAD_STAGES`)."""
         return getattr(self, f"{_check_stage(stage, THREAD_STAGES)}_threads")
 
-    def cpus(self, stage: str) -> tuple[int, ...] | None:
+    def stage_cpus(self, stage: str) -> tuple[int, ...] | None:
         """CPUs ``stage`` is pinned to, ``None`` to inherit the parent's affinity."""
         return getattr(self, f"{_check_stage(stage, THREAD_STAGES)}_cpus")
 
     def resolve_precision(self, stage: str, cpu_facts: Mapping[str, Any]) -> str:
-        """The dtype ``stage`` runs in on the host ``cpu_facts`` describes: fp32, bf16 or int8.
+        """The dtype ``stage`` runs in on the host ``cpu_facts`` describes.
 
-        ``exact`` preset: fp32. A per-stage ``auto``: :func:`auto_precision`. An explicit
-        per-stage setting is returned as is (the stage refuses what it cannot do), except
-        bf16 on a CPU without native bf16 (AVX512_BF16 / AMX-BF16), which raises
-        :class:`KnobError`: emulated bf16 is many times slower than fp32.
+        Every stage runs fp32 today: ``auto`` resolves through :func:`auto_precision` (fp32
+        everywhere until bf16 / int8 land with the speed work) and the parser refuses
+        ``bf16`` / ``int8`` as "not implemented yet".
         """
         stage = _check_stage(stage, PRECISION_STAGES)
         if self.precision == "exact":
@@ -282,14 +352,6 @@ class Knobs:
         chosen = getattr(self, f"{stage}_precision")
         if chosen == "auto":
             return auto_precision(stage, cpu_facts)
-        if chosen == "bf16" and not has_native_bf16(cpu_facts):
-            var = env_var(f"{stage}_precision")
-            raise KnobError(
-                [
-                    f"{var}='bf16' is not allowed on this CPU: expected fp32 or int8 "
-                    "(bf16 needs AVX512_BF16 or AMX; emulated bf16 is many times slower)"
-                ]
-            )
         return chosen
 
     def describe(self, cpu_facts: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -322,7 +384,7 @@ class Knobs:
         """
         import torch
 
-        threads, cpus = self.threads(stage), self.cpus(stage)
+        threads, cpus = self.threads(stage), self.stage_cpus(stage)
         if cpus is not None:
             _set_process_affinity(cpus)
         torch.set_num_threads(threads)
@@ -334,25 +396,13 @@ class Knobs:
 
 
 def auto_precision(stage: str, cpu_facts: Mapping[str, Any]) -> str:
-    """The ``auto`` policy of design.md, for what is implemented today.
+    """The ``auto`` policy of design.md, for what is implemented today: fp32 for every stage.
 
-    - No native bf16 (AVX2-only hosts, AVX-512 without AVX512_BF16): fp32. Never bf16.
-    - AMX (tiles + bf16): ``flow`` -> bf16 (the DiT is compute-bound; AMX bf16 GEMM is ~7x
-      fp32). Everything else fp32.
-    - AVX512_BF16 without AMX (e.g. AMD Zen 4): fp32; bf16 there is native but only ~2x
-      fp32 GEMM, so it is an explicit opt-in (``COSY_FLOW_PRECISION=bf16``) until the
-      benchmark shows it pays.
-
-    Not implemented yet, so ``auto`` returns fp32 for them: bf16 LLM prefill and int8 LLM
-    decode weights on AMX hosts (the LLM stage has one precision today), int8 flow (ORT
-    MatMul-only INT8). HiFT stays fp32 by design (vocoders are the most
-    quantization-sensitive part). Each becomes ``auto`` only after the fidelity report passes.
+    bf16 and int8 are not implemented yet; when they land, ``auto`` will choose per stage
+    from the detected ISA and a measurement (never bf16 without native support: AVX2-only
+    hosts emulate it many times slower), behind the fidelity gate.
     """
-    stage = _check_stage(stage, PRECISION_STAGES)
-    if not has_native_bf16(cpu_facts):
-        return "fp32"
-    if stage == "flow" and has_amx(cpu_facts):
-        return "bf16"
+    _check_stage(stage, PRECISION_STAGES)
     return "fp32"
 
 
