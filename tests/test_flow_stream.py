@@ -255,7 +255,9 @@ def test_prompt_blocks_are_reused_across_requests(flow, requests):
     third = FlowStream(flow, prompt_token, prompt_feat, other, prompt_store=store)
     run_stream(third, token)
     assert not third.prefix_reused
-    assert PromptKVStore(max_bytes=0).max_bytes == 0
+    off = PromptKVStore(max_bytes=0)  # 0 = off: computed every time, nothing kept
+    run_stream(FlowStream(flow, prompt_token, prompt_feat, embedding, prompt_store=off), token)
+    assert not off.entries and off.misses == 1
     tiny = PromptKVStore(max_bytes=1)
     FlowStream(flow, prompt_token, prompt_feat, embedding, prompt_store=tiny)
     s = FlowStream(flow, prompt_token, prompt_feat, embedding, prompt_store=tiny)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.llm import decode_tokens, load_llm
+from worker.llm import load_llm
 from worker.sampling import SilenceFilter, sampling_ids
+from worker.stages.llm import decode_tokens
 
 TOL = 1e-4
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=250, help="forced LLM tokens / flow tokens")
     ap.add_argument("--prefill", type=int, default=100, help="text tokens in the LLM prompt")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", default="baseline.json")
+    ap.add_argument("--json", help="report path (default: .cache/results/baseline-<time>.json)")
     args = ap.parse_args(argv)
     model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
 
@@ -111,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     for k, v in res.items():
         print(f"{k:<28} {v:.3f}" if isinstance(v, float) else f"{k:<28} {v}")
+    if args.json is None:
+        from tuning.results import default_out
+
+        args.json = str(default_out("baseline", "json"))
     Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.json}")
     return 0

@@ -24,13 +24,20 @@ import torch
 
 from tuning.baseline import default_model_dir
 from tuning.cpu import cpu_facts, measure_limits
+from tuning.results import default_out
 from worker.config import ModelConfig
-from worker.engine import Engine, LLMBatcher, Token2Wav
-from worker.flow_stream import PromptKVStore
+from worker.engine import Engine
 from worker.model_dir import load_model_dir
+from worker.noise import max_audio_seconds
 from worker.request import TTSRequest
+from worker.settings import Knobs
+from worker.stages.flow import FlowCore
+from worker.stages.hift import HiFTCore
+from worker.stages.llm import LLMBatcher
+from worker.stages.messages import Audio, Start, Tokens
 
 PROMPT_TOKENS = 75  # a 3 s voice prompt (tokens at 25 Hz; mel at 50 Hz)
+BENCH_MAX_SEQ = 4096  # LLM KV positions per sequence
 
 
 def _reset_peak_rss() -> None:
@@ -68,7 +75,7 @@ def dit_flops(cfg: ModelConfig, new_frames: int, ctx_frames: int) -> float:
 
 def make_request(
     cfg: ModelConfig, n_tokens: int, mode: str, seed: int, with_llm: bool, voice_seed=None
-):
+) -> TTSRequest:
     """Forced-token request; the voice (prompt tokens, mel, embedding) comes from
     ``voice_seed`` (default ``seed``): the same voice_seed means the same speaker."""
     gv = torch.Generator().manual_seed(seed if voice_seed is None else voice_seed)
@@ -76,59 +83,65 @@ def make_request(
     prompt_feat = torch.randn(1, 2 * PROMPT_TOKENS, cfg.flow.output_size, generator=gv)
     embedding = torch.randn(1, cfg.flow.spk_embed_dim, generator=gv)
     g = torch.Generator().manual_seed(seed)
+    vocab = min(5000, cfg.llm.qwen.vocab_size)  # any model dir: ids below its text vocab
     return TTSRequest(
-        text_ids=torch.randint(0, 5000, (1, max(1, n_tokens // 10)), generator=g),
-        prompt_text_ids=torch.randint(0, 5000, (1, 20), generator=g),
+        text_ids=torch.randint(0, vocab, (1, max(1, n_tokens // 10)), generator=g),
+        prompt_text_ids=torch.randint(0, vocab, (1, 20), generator=g),
         llm_prompt_speech=prompt,
         flow_prompt_speech=prompt,
         prompt_feat=prompt_feat,
         embedding=embedding,
         forced_tokens=torch.randint(0, cfg.llm.speech_token_size, (n_tokens,), generator=g),
-        mode=mode,
-        request_id=f"bench-{mode}-{n_tokens}",
+        strategy=mode,
+        request_id=f"bench-{mode}-{n_tokens}-{seed}",
     )
 
 
-def run_stream(
-    models,
-    engine,
-    n_tokens: int,
-    mode: str,
-    stages: set[str],
-    seed: int,
-    voice_seed=None,
-    prompt_store=None,
-) -> dict:
+def token2wav(flow: FlowCore, hift: HiFTCore, req: TTSRequest):
+    """Flow + HiFT only, every token known: the two cores driven in turn, as the engine does.
+    Yields each audio chunk (S,)."""
+    rid = req.request_id
+    for m in flow.handle(Start(rid, req)):
+        hift.handle(m)
+    flow.handle(Tokens(rid, req.forced_tokens.reshape(-1), final=True))
+    done = False
+    while not done:
+        for m in flow.step():
+            hift.handle(m)
+        for m in hift.step():
+            if not isinstance(m, Audio):
+                raise RuntimeError(f"bench request failed: {m}")
+            done = m.final
+            yield m.audio
+
+
+def run_stream(models, engine, cores, n_tokens: int, mode: str, stages: set[str], seed: int,
+               voice_seed=None) -> dict:  # fmt: skip
     """One streamed utterance; returns timings and the (audio_s, compute_s) curve."""
     cfg = models.config
     req = make_request(cfg, n_tokens, mode, seed, "llm" in stages, voice_seed)
     sr = cfg.sample_rate
     curve, audio_samples, first = [(0.0, 0.0)], 0, None
+    flow, hift = (engine.flow, engine.hift) if engine else cores
+    busy0 = (flow.busy_s, hift.busy_s)
     _reset_peak_rss()
     t0 = time.perf_counter()
     if "llm" in stages:
-        stats0 = dict(engine.llm.stats)
-        for chunk in engine.run([req]):
-            audio_samples += chunk.audio.numel()
-            now = time.perf_counter() - t0
-            first = now if first is None else first
-            curve.append((audio_samples / sr, now))
-        fin = engine.finished.pop(req.request_id)
-        llm_s = sum(engine.llm.stats[k] - stats0[k] for k in ("prefill_s", "decode_s"))
-        flow_s, hift_s = fin["flow_s"], fin["hift_s"]
-    else:  # tokens given up front: flow + HiFT only, through the engine's Token2Wav
-        t2w = Token2Wav(models, req, mode, prompt_store=prompt_store)
-        t2w.tokens = req.forced_tokens.tolist()
-        llm_s, final = 0.0, False
-        with torch.inference_mode():
-            while not final:
-                audio, _, final = t2w.chunk()
-                audio_samples += audio.numel()
-                now = time.perf_counter() - t0
-                first = now if first is None else first
-                curve.append((audio_samples / sr, now))
-        flow_s, hift_s = t2w.flow_s, t2w.hift_s
+        b = engine.llm.batcher
+        llm0 = b.prefill_s + b.decode_s
+        chunks = (c.audio for c in engine.run([req]))
+    else:  # tokens given up front: flow + HiFT only
+        llm0 = None
+        chunks = token2wav(flow, hift, req)
+    for audio in chunks:
+        audio_samples += audio.numel()
+        now = time.perf_counter() - t0
+        if first is None and audio.numel():
+            first = now
+        curve.append((audio_samples / sr, now))
     total = time.perf_counter() - t0
+    llm_s = 0.0 if llm0 is None else b.prefill_s + b.decode_s - llm0
+    flow_s, hift_s = flow.busy_s - busy0[0], hift.busy_s - busy0[1]
     audio_s = audio_samples / sr
     frames = 2 * n_tokens
     if mode == "incremental":
@@ -155,19 +168,20 @@ def llm_batch(models, batcher: LLMBatcher, batch: int, tokens: int, seed: int) -
     """Aggregate decode tokens/s with ``batch`` concurrent sequences (forced tokens)."""
     cfg = models.config
     reqs = [make_request(cfg, tokens, "incremental", seed + i, True) for i in range(batch)]
-    for i, r in enumerate(reqs):
-        r.request_id = f"batch{batch}-{i}"
-    for r in reqs:
-        batcher.admit(r.request_id, r)
-    t0 = time.perf_counter()
-    steps = 0
     with torch.inference_mode():
-        while any(not batcher.active[r.request_id].llm_done for r in reqs):
+        for i, r in enumerate(reqs):
+            lm_input = models.llm.build_lm_input(r.text_ids, r.prompt_text_ids,
+                                                 r.llm_prompt_speech)  # fmt: skip
+            batcher.admit(f"batch{batch}-{i}", lm_input, tokens, tokens,
+                          forced=r.forced_tokens.tolist())  # fmt: skip
+        t0 = time.perf_counter()
+        steps = 0
+        while any(not s.done for s in batcher.seqs.values()):
             batcher.step()
             steps += 1
-    dt = time.perf_counter() - t0
-    for r in reqs:
-        batcher.release(r.request_id)
+        dt = time.perf_counter() - t0
+    for i in range(batch):
+        batcher.release(f"batch{batch}-{i}")
     return batch * steps / dt
 
 
@@ -204,6 +218,19 @@ def plot(runs: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def check_seconds(models, seconds: list[float], stages: set[str], ap) -> None:
+    """Refuse lengths the model cannot make: <= 0, or past the fixed noise's frames."""
+    cfg = models.config
+    noise = max_audio_seconds(cfg, PROMPT_TOKENS)
+    kv = (BENCH_MAX_SEQ - PROMPT_TOKENS - 22) / 1.1 / cfg.token_frame_rate  # LLM positions
+    limit = min(noise, kv) if "llm" in stages else noise
+    for s in seconds:
+        if not 0 < s <= limit:
+            why = "the fixed noise (300 s with the prompt)" if limit == noise else (
+                f"the LLM KV cache ({BENCH_MAX_SEQ} positions)")
+            ap.error(f"--seconds {s:g}: must be > 0 and at most {limit:.0f} s ({why})")
+
+
 def _fmt(v, nd=2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -227,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every run uses one voice: runs after the first reuse its prompt blocks",
     )
-    ap.add_argument("--json", default="bench.json")
-    ap.add_argument("--plot", default="bench.png")
+    ap.add_argument("--json", help="report (default: .cache/results/bench-<time>.json)")
+    ap.add_argument("--plot", help="PNG of cost vs audio (default: next to the JSON)")
     args = ap.parse_args(argv)
     stages = set(args.stages.split(","))
     if not stages <= {"llm", "flow", "hift"} or not stages:
@@ -236,8 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     if stages & {"flow", "hift"} and not {"flow", "hift"} <= stages:
         ap.error("--stages: flow and hift run together (the vocoder needs the flow's mel)")
     modes = args.modes.split(",")
-    seconds = [float(s) for s in args.seconds.split(",") if s]
+    if not modes or not set(modes) <= {"incremental", "recompute"}:
+        ap.error(f"--modes: choose from incremental,recompute (got {args.modes})")
+    try:
+        seconds = [float(s) for s in args.seconds.split(",") if s]
+    except ValueError:
+        ap.error(f"--seconds: comma-separated numbers of seconds (got {args.seconds})")
+    if args.repeat < 1:
+        ap.error("--repeat: at least 1")
     model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
+    if args.json is None:
+        args.json = str(default_out("bench", "json"))
+    if args.plot is None:
+        args.plot = str(Path(args.json).with_suffix(".png"))
 
     threads = torch.get_num_threads()
     host = {"cpu": cpu_facts(), "torch_threads": threads, "model_dir": str(model_dir)}
@@ -256,21 +294,27 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     models = load_model_dir(model_dir, stages=tuple(sorted(stages)))
     host["load_s"] = time.perf_counter() - t0
-    engine = (
-        Engine(models, max_batch=8, max_seq=4096) if stages == {"llm", "flow", "hift"} else None
-    )
+    check_seconds(models, seconds, stages, ap)
+    # bench settings are explicit (a stray COSY_* in the environment changes nothing here);
+    # the prompt K/V store is on only with --same-voice, so every other run is a new voice
+    knobs = Knobs.from_env({"COSY_PROMPT_KV_MB": "2048" if args.same_voice else "0"})
+    engine = cores = None
+    if stages == {"llm", "flow", "hift"}:
+        engine = Engine(models, max_batch=8, max_seq=BENCH_MAX_SEQ, knobs=knobs)
+        engine.warm_up()
+    elif {"flow", "hift"} <= stages:
+        cores = (FlowCore(models.flow, knobs.hop_tokens, knobs.flow_steps, knobs.prompt_kv_mb),
+                 HiFTCore(models.hift))  # fmt: skip
+        for core in cores:
+            core.warm_up()
     results: list[dict] = []
     if {"flow", "hift"} <= stages:
         for secs in seconds:
             n = int(round(secs * models.config.token_frame_rate))
             for mode in modes:
-                store = None
-                if args.same_voice:
-                    store = engine.prompt_kv if engine else PromptKVStore(2048 << 20)
                 vs = 0 if args.same_voice else None
                 runs = [
-                    run_stream(models, engine, n, mode, stages, seed=i, voice_seed=vs,
-                               prompt_store=store)
+                    run_stream(models, engine, cores, n, mode, stages, seed=i, voice_seed=vs)
                     for i in range(args.repeat)
                 ]  # fmt: skip
                 r = _median_run(runs)
@@ -280,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{mode:>11} {r['audio_s']:5.1f}s audio: {msg}, RTF {_fmt(r['rtf'])}")
     batch = {}
     if "llm" in stages and args.batch:
-        batcher = engine.llm if engine else LLMBatcher(models, max_batch=8, max_seq=4096)
+        batcher = engine.llm.batcher if engine else LLMBatcher(models.llm, 8, BENCH_MAX_SEQ)
         gbytes = llm_weight_bytes(models) / 1e9
         for b in [int(x) for x in args.batch.split(",")]:
             tps = statistics.median(

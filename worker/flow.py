@@ -177,9 +177,11 @@ class Flow(nn.Module):
         embedding: torch.Tensor,
         streaming: bool,
         finalize: bool,
+        n_timesteps: int | None = None,
     ) -> torch.Tensor:
         """token (1, N), prompt_token (1, P), prompt_feat (1, Tp, 80), embedding (1, 192)
-        -> mel (1, 80, 2*(P+N') - Tp) float32, N' = N if finalize else N - pre_lookahead_len."""
+        -> mel (1, 80, 2*(P+N') - Tp) float32, N' = N if finalize else N - pre_lookahead_len.
+        ``n_timesteps``: Euler steps (default: the config's)."""
         if token.shape[0] != 1:
             raise ValueError(f"flow inference takes batch 1, got token shape {tuple(token.shape)}")
         L = self.cfg.pre_lookahead_len
@@ -205,7 +207,7 @@ class Flow(nn.Module):
             mask,
             spks,
             cond.transpose(1, 2),
-            self.cfg.n_timesteps,
+            n_timesteps or self.cfg.n_timesteps,
             streaming,
         )
         return mel[:, :, Tp:].float()

@@ -116,6 +116,12 @@ class PromptKVStore:
             self.entries.popitem(last=False)
 
 
+def first_hop(prompt_tokens: int, hop_tokens: int, block_tokens: int = 25) -> int:
+    """Speech tokens (after the prompt) of the first chunk: one hop plus the pad that puts the
+    prompt's end on a DiT block boundary, as upstream. The one place this rule lives."""
+    return hop_tokens + (-prompt_tokens % block_tokens)
+
+
 def _prompt_key(*tensors: torch.Tensor, n_steps: int) -> str:
     h = hashlib.sha256(f"{n_steps}".encode())
     for t in tensors:
@@ -149,8 +155,10 @@ class FlowStream:
         hop_tokens: int = 25,
         capacity_frames: int | None = None,  # initial K/V capacity (default: first 2 chunks)
         prompt_store: PromptKVStore | None = None,
+        n_steps: int | None = None,  # Euler steps (default: the model config's)
     ):
         cfg = flow.cfg
+        n_steps = n_steps or cfg.n_timesteps
         self.flow = flow
         self.ratio = cfg.token_mel_ratio
         self.block_tokens = cfg.dit.static_chunk_size // cfg.token_mel_ratio  # 25
@@ -164,22 +172,22 @@ class FlowStream:
         self.lookahead = cfg.pre_lookahead_len
         self.history = flow.pre_lookahead_layer.history_len
         P = prompt_token.shape[1]
-        pad = -P % self.block_tokens
+        self.P = P
         # tokens of the next chunk: the first one holds the prompt, the pad and one hop
-        self.next_hop = P + pad + hop_tokens
+        self.next_hop = P + first_hop(P, hop_tokens, self.block_tokens)
         self.prompt_frames = prompt_feat.shape[1]
         with torch.inference_mode():
             self.prompt_feat = prompt_feat.transpose(1, 2)  # (1, 80, Tp)
             spks = flow.spk_projection(embedding)  # (1, 80)
             self.spks = torch.cat((spks, torch.zeros_like(spks)))  # (2, 80): CFG row 1 zeroed
-            self.schedule = euler_schedule(cfg.n_timesteps, spks.dtype)
+            self.schedule = euler_schedule(n_steps, spks.dtype)
             # token ids from absolute index ``token_base`` on (prompt first): only the ones
             # still needed, i.e. the conv2 history of the next chunk and everything after
             self.tokens = prompt_token.long()
             self.token_base = 0
             self.done = 0  # absolute tokens (prompt included) whose frames are computed
             d = cfg.dit
-            first = self.ratio * (P + pad + hop_tokens)
+            first = self.ratio * self.next_hop
             capacity = capacity_frames or first + self.ratio * hop_tokens
             self.caches = [
                 StepCache(d.depth, d.heads, d.dim_head, d.dim, POS_CONV_KERNEL - 1, capacity)
@@ -190,7 +198,7 @@ class FlowStream:
         self.prefix_tokens = max(0, (P - self.lookahead) // self.block_tokens) * self.block_tokens
         self.prompt_store = prompt_store
         self._prefix_key = (
-            _prompt_key(prompt_token, prompt_feat, embedding, n_steps=cfg.n_timesteps)
+            _prompt_key(prompt_token, prompt_feat, embedding, n_steps=n_steps)
             if prompt_store is not None and self.prefix_tokens
             else None
         )
@@ -240,28 +248,50 @@ class FlowStream:
         """Whether a non-final chunk can run."""
         return not self.finished and self.tokens_known >= self.tokens_needed()
 
+    def feed(self, token: torch.Tensor) -> None:
+        """Append new tokens (1, n)."""
+        if self.finished:
+            raise RuntimeError("tokens after the final chunk")
+        if token.shape[1]:
+            self.tokens = torch.cat((self.tokens, token.long()), dim=1)
+
     @torch.inference_mode()
+    def next_chunk(self, finalize: bool = False) -> tuple[torch.Tensor, int] | None:
+        """Run the next chunk if one is ready, or with ``finalize`` (no more tokens will come)
+        the final chunk over every remaining token. -> (mel (1, 80, F) of the newly finished
+        frames after the prompt, speech tokens after the prompt the chunk covers), or None."""
+        if self.finished or not (finalize or self.ready()):
+            return None
+        self._run_prefix()
+        start = max(self.done, self.P)
+        if self.ready():
+            end = self.done + self.next_hop
+            mel = self._chunk(end, final=False)
+            self.next_hop = self.hop_tokens
+        else:
+            end = self.tokens_known
+            mel = self._chunk(end, final=True)
+            self.finished = True
+            self.caches = []  # the request is over: free its K/V now
+        self.frames_emitted += mel.shape[2]
+        return mel, max(end - start, 0)
+
     def push(self, token: torch.Tensor | None = None, finalize: bool = False) -> torch.Tensor:
         """Append new tokens (1, n) and compute every chunk that is ready; with ``finalize``
         (no more tokens will come) also the final chunk over all remaining tokens.
         -> mel (1, 80, F) of the newly finished frames after the prompt (F may be 0)."""
         if self.finished:
             raise RuntimeError("push after the final chunk")
-        if token is not None and token.shape[1]:
-            self.tokens = torch.cat((self.tokens, token.long()), dim=1)
+        if token is not None:
+            self.feed(token)
         mels = []
-        if self.ready() or finalize:
-            self._run_prefix()
-        while self.ready():
-            mels.append(self._chunk(self.done + self.next_hop, final=False))
-            self.next_hop = self.hop_tokens
+        while (chunk := self.next_chunk()) is not None:
+            mels.append(chunk[0])
         if finalize:
-            mels.append(self._chunk(self.tokens_known, final=True))
-            self.finished = True
-            self.caches = []  # the request is over: free its K/V now
-        out = torch.cat(mels, dim=2) if mels else self.spks.new_zeros(1, self.spks.shape[1], 0)
-        self.frames_emitted += out.shape[2]
-        return out
+            mels.append(self.next_chunk(finalize=True)[0])
+        if not mels:
+            return self.spks.new_zeros(1, self.spks.shape[1], 0)
+        return torch.cat(mels, dim=2)
 
     def _chunk(self, end: int, final: bool) -> torch.Tensor:
         """Compute absolute tokens [self.done, end) -> their mel after the prompt (1, 80, F)."""

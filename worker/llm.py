@@ -1,10 +1,15 @@
 """The CosyVoice3 LLM: a Qwen2 decoder with a static KV cache and the speech head.
 
-gpt-fast style: plain modules, one explicit :class:`KVCache` per layer with preallocated
-buffers, ``setup_caches(max_batch, max_seq)`` sizes them once, ``forward(embeds, input_pos,
-slots)`` runs prefill (T > 1) or one decode step (T == 1) for several sequences at once.
-Each sequence owns a cache *slot* (a row of the buffers), so concurrent requests at different
-positions decode in one batched step.
+gpt-fast style: plain modules, an explicit static cache (:class:`LLMCache`: one
+:class:`KVCache` per layer with preallocated buffers, plus the RoPE tables) sized once,
+``forward(embeds, input_pos, slots, cache=...)`` runs prefill (T > 1) or one decode step
+(T == 1) for several sequences at once. Each sequence owns a cache *slot* (a row of the
+buffers), so concurrent requests at different positions decode in one batched step.
+
+The cache is an object of its own, owned by whoever decodes (the LLM stage core owns one;
+``setup_caches`` gives the model a default one for single-user checks such as ``verify``), so
+two users of the same weights never share or re-allocate each other's cache. The decode loop
+and the length policy live in :mod:`worker.stages.llm`.
 
 The Qwen2 text ``lm_head`` (151,936 x 896) is never loaded or computed: only the speech head
 (``llm_decoder``, 6761 logits) is. Checkpoint keys ``llm.model.model.*`` map onto this module
@@ -13,7 +18,6 @@ The Qwen2 text ``lm_head`` (151,936 x 896) is never loaded or computed: only the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,7 +26,6 @@ from torch import Tensor, nn
 
 from worker.checkpoint import assign_state_dict, check_state_dict, load_state_dict_file
 from worker.config import LLMConfig
-from worker.sampling import sampling_ids
 
 _QWEN_PREFIX = "llm.model.model."
 _LM_HEAD = "llm.model.lm_head.weight"
@@ -75,6 +78,28 @@ class KVCache(nn.Module):
         return self.k_cache[slots, :, :kv_len], self.v_cache[slots, :, :kv_len]
 
 
+class LLMCache:
+    """The static decode state of one user of the weights: per-layer K/V buffers of
+    ``max_batch`` slots x ``max_seq`` positions, and the RoPE tables up to ``max_seq``."""
+
+    def __init__(self, cfg: LLMConfig, max_batch: int, max_seq: int, dtype: torch.dtype):
+        q = cfg.qwen
+        self.max_batch, self.max_seq = max_batch, max_seq
+        self.layers = [
+            KVCache(max_batch, q.num_kv_heads, max_seq, q.head_dim, dtype)
+            for _ in range(q.num_layers)
+        ]
+        hd = q.head_dim
+        inv_freq = 1.0 / (q.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+        freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv_freq)  # (S, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
+        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.k_cache.nbytes + c.v_cache.nbytes for c in self.layers)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -101,7 +126,6 @@ class Attention(nn.Module):
         self.k_proj = Linear(dim, n_kv * head_dim, bias=True)
         self.v_proj = Linear(dim, n_kv * head_dim, bias=True)
         self.o_proj = Linear(n_heads * head_dim, dim, bias=False)
-        self.kv_cache: KVCache | None = None
 
     def forward(
         self,
@@ -112,6 +136,7 @@ class Attention(nn.Module):
         input_pos: Tensor,  # (B, T)
         slots: Tensor | None,
         kv_len: int,
+        kv_cache: KVCache,
     ) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -119,8 +144,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        assert self.kv_cache is not None, "call setup_caches() first"
-        k, v = self.kv_cache.update(input_pos, k, v, slots, kv_len)  # (B, n_kv, S, hd)
+        k, v = kv_cache.update(input_pos, k, v, slots, kv_len)  # (B, n_kv, S, hd)
         y = F.scaled_dot_product_attention(
             q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=self.n_heads != self.n_kv
         )  # (B, H, T, hd)
@@ -147,8 +171,9 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = RMSNorm(q.hidden_size, q.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(q.hidden_size, q.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos, slots, kv_len) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, slots, kv_len)
+    def forward(self, x, cos, sin, mask, input_pos, slots, kv_len, kv_cache) -> Tensor:
+        h = self.input_layernorm(x)
+        x = x + self.self_attn(h, cos, sin, mask, input_pos, slots, kv_len, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -164,22 +189,16 @@ class CosyVoice3LM(nn.Module):
         self.norm = RMSNorm(q.hidden_size, q.rms_norm_eps)
         self.speech_embedding = _embedding(cfg.num_speech_logits, q.hidden_size)
         self.llm_decoder = Linear(q.hidden_size, cfg.num_speech_logits, bias=False)
-        self.max_batch = self.max_seq = 0
+        self.cache: LLMCache | None = None
+
+    def new_cache(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None) -> LLMCache:
+        """A static cache of ``max_batch`` slots x ``max_seq`` positions for this model."""
+        return LLMCache(self.cfg, max_batch, max_seq, dtype or self.llm_decoder.weight.dtype)
 
     def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate KV caches for ``max_batch`` slots of ``max_seq`` positions (and RoPE tables)."""
-        q = self.cfg.qwen
-        dtype = dtype or self.llm_decoder.weight.dtype
-        self.max_batch, self.max_seq = max_batch, max_seq
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(
-                max_batch, q.num_kv_heads, max_seq, q.head_dim, dtype
-            )
-        hd = q.head_dim
-        inv_freq = 1.0 / (q.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-        freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv_freq)  # (S, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
-        self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        """Give the model a default cache (used when ``forward`` gets no ``cache``): for
+        single-user checks. Decoding services own their cache (:meth:`new_cache`)."""
+        self.cache = self.new_cache(max_batch, max_seq, dtype)
 
     def embed_text(self, ids: Tensor) -> Tensor:
         return self.embed_tokens(ids)
@@ -211,19 +230,23 @@ class CosyVoice3LM(nn.Module):
         input_pos: Tensor,  # (B, T) absolute positions
         slots: Tensor | None = None,  # (B,) cache rows; None = rows 0..B-1
         kv_len: int | None = None,  # attend over cache[:kv_len]; default max position + 1
+        cache: LLMCache | None = None,  # default: the one setup_caches() made
     ) -> Tensor:
         """Hidden states after the final norm, (B, T, D)."""
+        cache = cache or self.cache
+        if cache is None:
+            raise RuntimeError("no KV cache: pass cache=model.new_cache(...) or setup_caches()")
         if kv_len is None:
             kv_len = int(input_pos.max()) + 1
-        if kv_len > self.max_seq:
-            raise ValueError(f"sequence of {kv_len} positions exceeds the cache ({self.max_seq})")
-        cos = self.rope_cos[input_pos].unsqueeze(1).to(embeds.dtype)  # (B, 1, T, hd)
-        sin = self.rope_sin[input_pos].unsqueeze(1).to(embeds.dtype)
+        if kv_len > cache.max_seq:
+            raise ValueError(f"sequence of {kv_len} positions exceeds the cache ({cache.max_seq})")
+        cos = cache.rope_cos[input_pos].unsqueeze(1).to(embeds.dtype)  # (B, 1, T, hd)
+        sin = cache.rope_sin[input_pos].unsqueeze(1).to(embeds.dtype)
         mask = torch.arange(kv_len)[None, None, :] <= input_pos[:, :, None]  # (B, T, S)
         mask = mask.unsqueeze(1)
         x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos, slots, kv_len)
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            x = layer(x, cos, sin, mask, input_pos, slots, kv_len, kv)
         return self.norm(x)
 
     def logp(self, hidden: Tensor) -> Tensor:
@@ -285,35 +308,3 @@ def load_llm(path: str | Path, cfg: LLMConfig) -> CosyVoice3LM:
         model = CosyVoice3LM(cfg)
     assign_state_dict(model, sd, path)
     return model.eval()
-
-
-@torch.inference_mode()
-def decode_tokens(
-    model: CosyVoice3LM,
-    lm_input: Tensor,  # (1, L, D)
-    min_len: int,
-    max_len: int,
-    slot: int = 0,
-    generator: torch.Generator | None = None,
-) -> Iterator[int]:
-    """Upstream's single-sequence decoding loop (``Qwen2LM.inference_wrapper``): sample with
-    ``ras_sampling``, stop on any id >= speech_token_size, yield the tokens. Uses ``generator``
-    (default: torch's global RNG, as upstream)."""
-    cfg = model.cfg
-    slots = torch.tensor([slot])
-    L = lm_input.shape[1]
-    if L + max_len > model.max_seq:
-        raise ValueError(f"prompt of {L} + max_len {max_len} exceeds the cache ({model.max_seq})")
-    hidden = model(lm_input, torch.arange(L)[None], slots)
-    pos = L
-    out: list[int] = []
-    for i in range(max_len):
-        logp = model.logp(hidden[:, -1])[0]  # (V,)
-        tok = sampling_ids(logp, out, cfg, ignore_eos=i < min_len, generator=generator)
-        if tok >= cfg.speech_token_size:
-            return
-        yield tok
-        out.append(tok)
-        emb = model.speech_embedding.weight[tok].reshape(1, 1, -1)
-        hidden = model(emb, torch.tensor([[pos]]), slots)
-        pos += 1

@@ -118,3 +118,12 @@ def fixed_noise_for(cfg) -> FixedNoise:
         f0_classes=cfg.hift.f0_num_class,
         harmonics=cfg.hift.nb_harmonics + 1,
     )
+
+
+def max_audio_seconds(cfg, prompt_tokens: int = 0) -> float:
+    """Longest audio (seconds, after a prompt of ``prompt_tokens``) the fixed noise covers:
+    upstream's 300 s cap per request, prompt included (``cfg``: a ModelConfig)."""
+    frames_per_s = cfg.flow.token_mel_ratio * cfg.token_frame_rate
+    flow_s = FLOW_NOISE_FRAMES / frames_per_s
+    sine_s = SINE_BUFFER_ROWS / cfg.sample_rate
+    return min(flow_s, sine_s) - prompt_tokens / cfg.token_frame_rate

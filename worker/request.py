@@ -1,4 +1,4 @@
-"""Typed request records shared by the frontend, the engine and (later) the service."""
+"""Typed request records shared by the frontend, the stage cores, the engine and the service."""
 
 from __future__ import annotations
 
@@ -31,4 +31,9 @@ class TTSRequest:
     hop_tokens: int | None = None  # streaming hop (multiple of 25); None: COSY_HOP_TOKENS
     seed: int | None = None
     forced_tokens: Tensor | None = None  # benchmarks: decode exactly these, EOS ignored
-    mode: str = "incremental"
+    # token2wav strategy: "incremental" (per-block caches, linear cost) or "recompute"
+    # (upstream's O(n^2) strategy with the same kernels: worker/reference.py)
+    strategy: str = "incremental"
+
+
+STRATEGIES = ("incremental", "recompute")

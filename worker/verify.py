@@ -23,10 +23,10 @@ from torch import Tensor
 
 from worker.checkpoint import CheckpointError
 from worker.config import QWEN_DIR
-from worker.engine import Token2Wav
 from worker.hyperyaml import ConfigError
 from worker.model_dir import CosyVoice3Models, load_model_dir
-from worker.request import TTSRequest
+from worker.reference import reference_stream
+from worker.stages.llm import decode_tokens, length_bounds
 
 DEFAULT_TOL = 1e-4
 
@@ -100,13 +100,12 @@ def _llm_common(m: CosyVoice3Models, g: dict, c: Checker, group: str, lm_input: 
     L = lm_input.shape[1]
     hidden = llm(g["lm_input"], torch.arange(L)[None])
     c.close(f"{group}.logp_prefill", llm.logp(hidden[:, -1])[0], g["logp_prefill"])
-    n_text = g["text"].shape[1]
-    c.equal(f"{group}.min_len", int(n_text * 2), g["min_len"])
-    c.equal(f"{group}.max_len", int(n_text * 20), g["max_len"])
+    min_len, max_len = length_bounds(g["text"].shape[1])
+    c.equal(f"{group}.min_len", min_len, g["min_len"])
+    c.equal(f"{group}.max_len", max_len, g["max_len"])
 
 
 def check_llm(m: CosyVoice3Models, g: dict, c: Checker) -> None:
-    from worker.llm import decode_tokens
     from worker.sampling import sampling_ids
 
     llm = m.llm
@@ -184,21 +183,12 @@ def check_stream(m: CosyVoice3Models, g: dict, c: Checker, golden: dict) -> None
     """Upstream's streaming (all tokens known, fresh hop state) through the engine's
     ``recompute`` token2wav: schedule, kept mel and audio per chunk."""
     f = golden["flow"]
-    req = TTSRequest(
-        text_ids=torch.zeros(1, 1, dtype=torch.long),
-        embedding=f["embedding"],
-        flow_prompt_speech=f["prompt_token"].long(),
-        prompt_feat=f["prompt_feat"],
-        hop_tokens=g["token_hop_len_initial"],
-        mode="recompute",
-    )
-    t2w = Token2Wav(m, req, "recompute")
-    t2w.tokens = f["token"][0].tolist()
-    infos, audios, final = [], [], False
-    while not final:
-        audio, _, final = t2w.chunk()
-        infos.append(t2w.last)
-        audios.append(audio[None])
+    chunks = reference_stream(
+        m.flow, m.hift, f["token"], f["prompt_token"].long(), f["prompt_feat"], f["embedding"],
+        g["token_hop_len_initial"],
+    )  # fmt: skip
+    infos = [info for info, _ in chunks]
+    audios = [audio for _, audio in chunks]
     c.equal(
         "stream.schedule",
         [[k.token_len, k.token_offset, k.hop or 0, k.finalize] for k in infos],

@@ -1,0 +1,137 @@
+"""The Flow stage core: Start and speech tokens in, mel chunks out.
+
+One stream per request: :class:`worker.flow_stream.FlowStream` (``incremental``: per-block
+K/V caches, every chunk costs the same) or :class:`worker.reference.RecomputeFlow`
+(``recompute``: upstream's strategy). Each :meth:`FlowCore.step` runs at most one chunk per
+request, for every request that has one ready (a full hop plus lookahead, or the rest once
+its tokens are final), so no request waits for another's whole utterance. The per-voice state
+of prompt-only DiT blocks is shared across requests (:class:`PromptKVStore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from worker.flow import Flow
+from worker.flow_stream import FlowStream, PromptKVStore
+from worker.reference import RecomputeFlow
+from worker.request import STRATEGIES
+from worker.stages.messages import Abort, Failed, Mel, Message, Start, Tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _FlowRequest:
+    stream: FlowStream | RecomputeFlow
+    final: bool = False  # every token has arrived
+
+
+class FlowCore:
+    name = "flow"
+
+    def __init__(
+        self, flow: Flow, hop_tokens: int = 25, n_steps: int | None = None, prompt_kv_mb: int = 0
+    ):
+        self.flow = flow
+        self.hop_tokens = hop_tokens
+        self.n_steps = n_steps or flow.cfg.n_timesteps
+        self.block = flow.cfg.dit.static_chunk_size // flow.cfg.token_mel_ratio  # 25 tokens
+        self.prompt_kv = PromptKVStore(prompt_kv_mb << 20)
+        self.reqs: dict[str, _FlowRequest] = {}
+        self.busy_s = 0.0
+        self.chunks = 0
+
+    def _open(self, msg: Start) -> _FlowRequest:
+        req, cfg = msg.req, self.flow.cfg
+        hop = req.hop_tokens or self.hop_tokens
+        if hop <= 0 or hop % self.block:
+            raise ValueError(f"hop_tokens {hop}: must be a positive multiple of {self.block}")
+        if req.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {req.strategy!r}: choose from {', '.join(STRATEGIES)}")
+        prompt = req.flow_prompt_speech
+        if prompt is None:
+            prompt = torch.zeros(1, 0, dtype=torch.long)
+        feat = req.prompt_feat
+        if feat is None:
+            feat = torch.zeros(1, 0, cfg.output_size)
+        prompt = prompt.long()
+        if req.strategy == "recompute":
+            stream = RecomputeFlow(self.flow, prompt, feat, req.embedding, hop, self.n_steps)
+        else:
+            stream = FlowStream(self.flow, prompt, feat, req.embedding, hop,
+                                prompt_store=self.prompt_kv, n_steps=self.n_steps)  # fmt: skip
+        return _FlowRequest(stream)
+
+    def handle(self, msg: Message) -> list[Message]:
+        if isinstance(msg, Start):
+            try:
+                self.reqs[msg.rid] = self._open(msg)
+            except ValueError as e:
+                return [Failed(msg.rid, "bad_request", str(e))]
+            except Exception as e:  # noqa: BLE001 - one request's failure stays its own
+                log.exception("flow: start of %s failed", msg.rid)
+                return [Failed(msg.rid, "internal", f"flow start failed: {e}")]
+            return [msg]
+        if isinstance(msg, Tokens):
+            r = self.reqs.get(msg.rid)
+            if r is not None:  # else: the request failed here already
+                r.stream.feed(msg.tokens.reshape(1, -1))
+                r.final = msg.final
+            return []
+        if isinstance(msg, (Abort, Failed)):
+            self.reqs.pop(msg.rid, None)
+            return [msg]
+        return [Failed(msg.rid, "internal", f"flow stage got a {type(msg).__name__} message")]
+
+    def has_work(self) -> bool:
+        return any(r.stream.ready() or r.final for r in self.reqs.values())
+
+    def active_ids(self) -> list[str]:
+        return list(self.reqs)
+
+    @torch.inference_mode()
+    def step(self) -> list[Message]:
+        """One chunk for every request that has one ready. -> Mel / Failed."""
+        out: list[Message] = []
+        for rid, r in list(self.reqs.items()):
+            if not (r.final or r.stream.ready()):
+                continue
+            t0 = time.perf_counter()
+            try:
+                chunk = r.stream.next_chunk(finalize=r.final)
+            except Exception as e:  # noqa: BLE001
+                log.exception("flow: chunk of %s failed", rid)
+                del self.reqs[rid]
+                out.append(Failed(rid, "internal", f"flow failed: {e}"))
+                continue
+            self.busy_s += time.perf_counter() - t0
+            if chunk is None:
+                continue
+            self.chunks += 1
+            mel, covered = chunk
+            if r.stream.finished:
+                del self.reqs[rid]
+            out.append(Mel(rid, mel.contiguous(), covered, r.stream.finished))
+        return out
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Page in the weights and run one chunk of a scratch stream (no prompt)."""
+        cfg = self.flow.cfg
+        stream = FlowStream(self.flow, torch.zeros(1, 0, dtype=torch.long),
+                            torch.zeros(1, 0, cfg.output_size), torch.zeros(1, cfg.spk_embed_dim),
+                            self.block, n_steps=self.n_steps)  # fmt: skip
+        stream.feed(torch.zeros(1, self.block + cfg.pre_lookahead_len, dtype=torch.long))
+        stream.next_chunk()
+
+    def stats(self) -> dict[str, float | int]:
+        return {
+            "active": len(self.reqs), "chunks": self.chunks, "busy_s": round(self.busy_s, 3),
+            "prompt_kv_entries": len(self.prompt_kv.entries),
+            "prompt_kv_hits": self.prompt_kv.hits, "prompt_kv_misses": self.prompt_kv.misses,
+        }  # fmt: skip
