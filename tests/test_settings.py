@@ -235,7 +235,7 @@ def test_other_owned_cosy_variables_are_not_typos(monkeypatch):
 
 
 def test_known_vars_cover_every_field():
-    assert len(KNOWN_VARS) == 30
+    assert len(KNOWN_VARS) == 31
     assert "COSY_PROMPT_KV_MB" in KNOWN_VARS
     assert "COSY_FRONTEND_CPUS" in KNOWN_VARS and "COSY_FROM_ENVIRONMENT" not in KNOWN_VARS
 
@@ -313,6 +313,15 @@ def test_apply_threads_sets_torch_threads_and_affinity():
     assert applied["stage"] == "hift" and applied["threads"] == threads == 1
     assert per_thread and all(cpus == [real[-1]] for cpus in per_thread)
     assert sorted(os.sched_getaffinity(0)) == real
+
+
+def test_to_env_rebuilds_the_same_knobs():
+    k = Knobs.from_env({"COSY_LLM_CPUS": "0-3,7", "COSY_CACHE_MAX_MB": "inf", "COSY_CPUS": "1",
+                        "COSY_MAX_KV_GB": "1.5", "COSY_MODEL_DIR": "/m", "COSY_HOP_TOKENS": "50"})
+    again = Knobs.from_env(k.to_env())
+    assert dataclasses.replace(again, from_environment=()) == dataclasses.replace(
+        k, from_environment=())
+    assert all(v.startswith("COSY_") for v in k.to_env())
 
 
 def test_prompt_kv_mb():

@@ -30,6 +30,7 @@ a stray ``COSY_*`` in the environment changes no test.
 | ``COSY_REQUEST_TIMEOUT_S`` | deadline of a request, seconds | 300 |
 | ``COSY_MAX_FRAME_MB`` | largest request frame (the prompt audio file) | 16 |
 | ``COSY_TORCH_PROFILE`` | directory: each stage writes a ``torch.profiler`` table and trace | off |
+| ``COSY_SHUTDOWN_GRACE_S`` | on SIGTERM/SIGINT: time running requests get to finish | 30 |
 
 Default threads: a stage pinned with ``COSY_<STAGE>_CPUS`` gets one thread per pinned CPU;
 otherwise every stage gets all usable CPUs (affinity mask, capped by a cgroup CPU quota).
@@ -249,6 +250,7 @@ class Knobs:
     request_timeout_s: float = 300.0
     max_frame_mb: float = 16.0
     torch_profile: Path | None = None
+    shutdown_grace_s: float = 30.0
     # COSY_* variables that were set (not defaulted), for describe()
     from_environment: tuple[str, ...] = ()
 
@@ -281,6 +283,7 @@ class Knobs:
             "request_timeout_s": _positive_float(),
             "max_frame_mb": _positive_float(),
             "torch_profile": _dir_path,
+            "shutdown_grace_s": _positive_float(),
         }
         for stage in THREAD_STAGES:
             parsers[f"{stage}_threads"] = _int_in(1, MAX_THREADS)
@@ -373,6 +376,24 @@ class Knobs:
             out["resolved_precision"] = {
                 stage: self.resolve_precision(stage, cpu_facts) for stage in PRECISION_STAGES
             }
+        return out
+
+    def to_env(self) -> dict[str, str]:
+        """``COSY_*`` variables from which :meth:`from_env` rebuilds these knobs: what a
+        parent passes to the stage processes it starts (so a test's explicit knobs, not the
+        test runner's environment, reach them)."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "from_environment" or value is None:
+                continue
+            if f.name == "cpus" or f.name.endswith("_cpus"):
+                text = format_cpu_list(value)
+            elif isinstance(value, bool):
+                text = "1" if value else "0"
+            else:
+                text = str(value)  # floats round-trip, inf as "inf"
+            out[env_var(f.name)] = text
         return out
 
     def apply_threads(self, stage: str) -> dict[str, Any]:
