@@ -25,12 +25,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def default_model_dir(dims: str = "official") -> Path:
+    import shutil
+    import tempfile
+
     from tuning.random_model import write_model_dir
 
     d = REPO / ".cache" / f"random-{dims}"
     if not (d / "hift.pt").is_file():
         print(f"writing random-weight {dims} model dir to {d} ...", flush=True)
-        write_model_dir(d, dims, seed=0)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".random-{dims}-", dir=d.parent))
+        try:  # written aside and renamed: a reader never sees a half-written dir
+            write_model_dir(tmp, dims, seed=0)
+            if d.exists():
+                shutil.rmtree(d)
+            tmp.rename(d)
+        except FileExistsError:  # another process finished first
+            pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return d
 
 

@@ -231,6 +231,35 @@ def check_seconds(models, seconds: list[float], stages: set[str], ap) -> None:
             ap.error(f"--seconds {s:g}: must be > 0 and at most {limit:.0f} s ({why})")
 
 
+def service_main(args, ap, model_dir: Path) -> int:
+    from tuning import bench_service
+    from worker.config import read_model_config
+
+    try:
+        clients = [int(c) for c in args.clients.split(",") if c]
+    except ValueError:
+        clients = []
+    if not clients or min(clients) < 1:
+        ap.error(f"--clients: comma-separated client counts >= 1 (got {args.clients})")
+    if len(seconds_list := [float(s) for s in args.seconds.split(",") if s]) != 1:
+        ap.error("--service takes one --seconds value")
+    secs = seconds_list[0]
+    cfg = read_model_config(model_dir)
+    limit = max_audio_seconds(cfg, PROMPT_TOKENS)
+    if not 0 < secs <= limit:
+        ap.error(f"--seconds {secs:g}: must be > 0 and at most {limit:.0f} s (the fixed noise)")
+    cpu = cpu_facts()
+    isa = ",".join(k for k, v in (cpu.get("isa") or {}).items() if v)
+    print(f"host: {cpu.get('model_name')} | ISA {isa} | model dir {model_dir}", flush=True)
+    report = bench_service.run(model_dir, clients, secs, args.repeat,
+                               log=lambda m: print(m, flush=True))  # fmt: skip
+    report["host"] = {"cpu": cpu, "model_dir": str(model_dir)}
+    print("\n" + bench_service.table(report))
+    Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
 def _fmt(v, nd=2) -> str:
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -254,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every run uses one voice: runs after the first reuse its prompt blocks",
     )
+    ap.add_argument("--service", action="store_true",
+                    help="drive the real service over sockets with --clients, next to the "
+                         "in-process engine on the same requests")  # fmt: skip
+    ap.add_argument("--clients", default="1,4", help="--service: concurrent clients to compare")
     ap.add_argument("--json", help="report (default: .cache/results/bench-<time>.json)")
     ap.add_argument("--plot", help="PNG of cost vs audio (default: next to the JSON)")
     args = ap.parse_args(argv)
@@ -276,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json = str(default_out("bench", "json"))
     if args.plot is None:
         args.plot = str(Path(args.json).with_suffix(".png"))
+    if args.service:
+        return service_main(args, ap, model_dir)
 
     threads = torch.get_num_threads()
     host = {"cpu": cpu_facts(), "torch_threads": threads, "model_dir": str(model_dir)}

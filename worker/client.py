@@ -155,12 +155,14 @@ class Client:
         speed: float = 1.0,
         seed: int | None = None,
         id: str | None = None,
+        forced_tokens: int | None = None,
     ) -> Iterator[Chunk]:
         """Send a streaming tts request now; iterate for its chunks (``seq`` 0, 1, ...; the
         last has ``final``). Error replies raise :class:`WorkerError`."""
         rid = self._send_tts(
             text, mode=mode, prompt_wav=prompt_wav, prompt_text=prompt_text, instruct=instruct,
             speaker=speaker, format=format, speed=speed, seed=seed, id=id, stream=True,
+            forced_tokens=forced_tokens,
         )  # fmt: skip
         return self._chunks(rid)
 

@@ -206,7 +206,7 @@ class FlowStream:
         self.frames_emitted = 0
         self.finished = False
 
-    def _run_prefix(self) -> None:
+    def run_prefix(self) -> None:
         """Compute (or restore) the prompt-only blocks before the first real chunk."""
         n = self.prefix_tokens
         if n == 0 or self.done:
@@ -244,6 +244,11 @@ class FlowStream:
         its hop plus the lookahead tokens."""
         return self.done + self.next_hop + self.lookahead
 
+    def prefix_pending(self) -> bool:
+        """The prompt-only blocks are still to compute (they need no speech token: a stage
+        can run them while the LLM decodes the first hop)."""
+        return bool(self.prefix_tokens) and self.done == 0 and not self.finished
+
     def ready(self) -> bool:
         """Whether a non-final chunk can run."""
         return not self.finished and self.tokens_known >= self.tokens_needed()
@@ -262,7 +267,7 @@ class FlowStream:
         frames after the prompt, speech tokens after the prompt the chunk covers), or None."""
         if self.finished or not (finalize or self.ready()):
             return None
-        self._run_prefix()
+        self.run_prefix()
         start = max(self.done, self.P)
         if self.ready():
             end = self.done + self.next_hop

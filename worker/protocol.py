@@ -48,6 +48,7 @@ MAX_ID_LEN = 256
 SPEED_MIN = 0.5  # inclusive
 SPEED_MAX = 2.0  # inclusive
 SEED_MAX = 2**63 - 1
+MAX_FORCED_TOKENS = 7500  # 300 s of speech tokens (the fixed noise's limit)
 PCM_SCALE = 32767.0
 WAV_HEADER_BYTES = 44
 STREAM_WAV_SIZE = 0xFFFFFFFF
@@ -115,6 +116,7 @@ class TTSOp(_Op, frozen=True, kw_only=True, forbid_unknown_fields=True):
     format: str = "pcm_s16le"
     speed: float = 1.0
     seed: int | None = None
+    forced_tokens: int | None = None  # benchmarks: decode exactly this many speech tokens
     audio: bytes | None = None
 
 
@@ -371,6 +373,11 @@ def _check(req: Request, header: dict[str, Any], fail, is_req: bool) -> Request:
             raise fail(f"field 'speed': {_show(req.speed)} is outside {SPEED_MIN}..{SPEED_MAX}")
         if req.seed is not None and not 0 <= req.seed <= SEED_MAX:
             raise fail(f"field 'seed': {_show(req.seed)} is outside 0..2**63-1")
+        if req.forced_tokens is not None and not 1 <= req.forced_tokens <= MAX_FORCED_TOKENS:
+            raise fail(
+                f"field 'forced_tokens': {_show(req.forced_tokens)} is outside "
+                f"1..{MAX_FORCED_TOKENS}"
+            )
         if req.speaker is not None:
             _check_name(req.speaker, "speaker", fail)
             if req.audio is not None:

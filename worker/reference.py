@@ -71,6 +71,9 @@ class RecomputeFlow:
     def ready(self) -> bool:
         return not self.finished and len(self.tokens) >= self._need()
 
+    def prefix_pending(self) -> bool:
+        return False  # upstream recomputes everything per chunk: no prompt-only chunk
+
     @torch.inference_mode()
     def next_chunk(self, finalize: bool = False) -> tuple[Tensor, int] | None:
         if self.finished or not (finalize or self.ready()):

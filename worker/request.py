@@ -37,3 +37,14 @@ class TTSRequest:
 
 
 STRATEGIES = ("incremental", "recompute")
+
+
+def force_tokens(reqs: list[TTSRequest], n: int, seed: int | None, vocab: int) -> None:
+    """Benchmarks: make every request decode exactly ``n`` speech tokens, drawn uniformly from
+    ``vocab`` with ``seed`` (the protocol's ``forced_tokens``; the service bench draws the same
+    ones in-process)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed or 0)
+    for r in reqs:
+        r.forced_tokens = torch.randint(0, vocab, (n,), generator=gen)

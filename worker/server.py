@@ -44,7 +44,7 @@ import zmq
 
 from worker import protocol as proto
 from worker.ordering import SegmentOrder
-from worker.request import RequestError
+from worker.request import RequestError, force_tokens
 from worker.settings import KnobError, Knobs, configure_logging
 from worker.stages.messages import Abort, Audio, Failed, MessageError, Start, decode, encode
 from worker.stages.process import STAGES, endpoint, rss_mb
@@ -384,7 +384,10 @@ class Server:
             mode, instruct = "instruct2", op.instruct or ""
             if ENDOFPROMPT not in instruct:
                 instruct = f"{SYSTEM_PROMPT} {instruct}{ENDOFPROMPT}"
-        return self.frontend.requests(mode, text, voice, instruct_text=instruct, seed=op.seed)
+        reqs = self.frontend.requests(mode, text, voice, instruct_text=instruct, seed=op.seed)
+        if op.forced_tokens:  # benchmarks: fixed-length speech
+            force_tokens(reqs, op.forced_tokens, op.seed, self.config.llm.speech_token_size)
+        return reqs
 
     def _kv_estimate(self, req) -> int:
         """Flow K/V bytes a segment can reach: (prompt + expected speech) frames."""

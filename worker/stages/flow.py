@@ -1,11 +1,13 @@
 """The Flow stage core: Start and speech tokens in, mel chunks out.
 
 One stream per request: :class:`worker.flow_stream.FlowStream` (``incremental``: per-block
-K/V caches, every chunk costs the same) or :class:`worker.reference.RecomputeFlow`
-(``recompute``: upstream's strategy). Each :meth:`FlowCore.step` runs at most one chunk per
-request, for every request that has one ready (a full hop plus lookahead, or the rest once
-its tokens are final), so no request waits for another's whole utterance. The per-voice state
-of prompt-only DiT blocks is shared across requests (:class:`PromptKVStore`).
+K/V caches, every chunk costs the same; a new voice's prompt-only blocks run as soon as the
+request starts, while the LLM is still decoding its first hop) or
+:class:`worker.reference.RecomputeFlow` (``recompute``: upstream's strategy). Each
+:meth:`FlowCore.step` runs at most one chunk per request, for every request that has one
+ready (a full hop plus lookahead, or the rest once its tokens are final), so no request
+waits for another's whole utterance. The per-voice state of prompt-only DiT blocks is
+shared across requests (:class:`PromptKVStore`).
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ class FlowCore:
         return [Failed(msg.rid, "internal", f"flow stage got a {type(msg).__name__} message")]
 
     def has_work(self) -> bool:
-        return any(r.stream.ready() or r.final for r in self.reqs.values())
+        return any(r.stream.ready() or r.final or r.stream.prefix_pending()
+                   for r in self.reqs.values())  # fmt: skip
 
     def active_ids(self) -> list[str]:
         return list(self.reqs)
@@ -99,10 +102,14 @@ class FlowCore:
         """One chunk for every request that has one ready. -> Mel / Failed."""
         out: list[Message] = []
         for rid, r in list(self.reqs.items()):
-            if not (r.final or r.stream.ready()):
+            if not (r.final or r.stream.ready() or r.stream.prefix_pending()):
                 continue
             t0 = time.perf_counter()
             try:
+                if not (r.final or r.stream.ready()):  # the prompt-only blocks, ahead of time
+                    r.stream.run_prefix()
+                    self.busy_s += time.perf_counter() - t0
+                    continue
                 chunk = r.stream.next_chunk(finalize=r.final)
             except Exception as e:  # noqa: BLE001
                 log.exception("flow: chunk of %s failed", rid)
