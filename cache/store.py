@@ -7,12 +7,13 @@ extractors -- seconds of CPU per prompt. This module stores their result, a
 (:func:`cache_key`), so the same prompt is never encoded twice and a hit never touches the
 encoders.
 
-On-disk layout under the cache root (``COSY_CACHE_DIR``)::
+On-disk layout under the cache root (``Knobs.cache_dir``, i.e. ``COSY_CACHE_DIR``)::
 
     entries/<sha256 hex>.safetensors   one entry: four arrays + string metadata (never pickle)
     entries/.<key>.<random>.tmp        a write in progress (or left by a crashed writer)
     speakers.json                      named speakers: {"version": 1, "speakers": {name: key}}
     .lock                              fcntl.flock lock for the index and for eviction
+    speakers.json.corrupt-<time>       a damaged index set aside by :meth:`PromptCache.repair_index`
 
 Rules this module keeps:
 
@@ -28,11 +29,24 @@ Rules this module keeps:
 * The speaker index is read without a lock (it is only ever replaced atomically) and changed
   under an exclusive ``flock`` with read-modify-replace, so concurrent changes never lose one
   another or leave a half-written index.
+* A damaged index raises :class:`CorruptIndex` from every operation that needs the names
+  (listing, naming, renaming, deleting, stats, clear-unnamed), with one message naming the file
+  and the recovery: :meth:`PromptCache.repair_index` (``python -m cache repair-index``) keeps
+  every name it can still read and sets the bad file aside; entries are never touched.
+* A cache directory this process cannot write (read-only mount, no permission) still serves
+  reads: construction creates nothing that exists already, reads take no lock, and the LRU touch
+  of a hit, the deletion of a corrupt entry and eviction are skipped. A change (``put``,
+  naming, renaming, deleting, ``clear_unnamed``, ``repair_index``) raises :class:`ReadOnlyCache`
+  naming the directory; :meth:`PromptCache.get_or_compute` logs it and returns the entry.
+
+Settings come from :class:`worker.settings.Knobs` (:meth:`PromptCache.from_knobs`); this
+module reads no environment variable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -46,9 +60,13 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import safetensors.numpy
+
+if TYPE_CHECKING:
+    from worker.settings import Knobs
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +87,46 @@ class CacheError(Exception):
     """Base class of the prompt cache's errors."""
 
 
+REPAIR_COMMAND = "python -m cache --dir {root} repair-index"
+
+
 class CorruptIndex(CacheError):
-    """``speakers.json`` exists but cannot be read as a speaker index."""
+    """``speakers.json`` exists but cannot be read as a speaker index.
+
+    The message names the file, what is wrong and how to recover (:meth:`PromptCache.repair_index`,
+    i.e. ``python -m cache repair-index``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], detail: str):
+        self.path = Path(path)
+        self.detail = detail
+        command = REPAIR_COMMAND.format(root=self.path.parent)
+        super().__init__(
+            f"speaker index {self.path} is corrupt ({detail}); recover with `{command}` "
+            f"(keeps every name it can still read and sets the bad file aside as "
+            f"{self.path.name}.corrupt-<time>; cached entries are not touched)"
+        )
+
+
+class ReadOnlyCache(CacheError):
+    """A change was asked of a cache directory this process cannot write.
+
+    Reads keep working on such a cache; the message names the directory and the change.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], what: str, exc: OSError | None = None):
+        self.root = Path(root)
+        self.what = what
+        why = ""
+        if exc is not None:
+            reason = exc.strerror or str(exc)
+            where = exc.filename
+            if where is not None:
+                name = os.path.basename(os.fsdecode(where))
+                if name.startswith(".") and name.endswith(".tmp"):  # our temp file: its dir
+                    where = os.path.dirname(os.fsdecode(where))
+            why = f" ({reason}: {where})" if where else f" ({reason})"
+        super().__init__(f"cannot {what}: the prompt cache {self.root} is read-only{why}")
 
 
 class InvalidSpeakerName(CacheError, ValueError):
@@ -78,7 +134,11 @@ class InvalidSpeakerName(CacheError, ValueError):
 
 
 class SpeakerExists(CacheError):
-    """The name is taken (pass ``overwrite=True`` to replace it)."""
+    """The name is taken (pass ``overwrite=True`` to replace it). ``name``: the taken name."""
+
+    def __init__(self, message: str, name: str = ""):
+        super().__init__(message)
+        self.name = name
 
 
 class UnknownSpeaker(CacheError, KeyError):
@@ -308,6 +368,14 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+_READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _is_read_only(exc: BaseException) -> bool:
+    """True for the errors a directory we may not write gives (read-only mount, permissions)."""
+    return isinstance(exc, OSError) and exc.errno in _READ_ONLY_ERRNOS
+
+
 def _atomic_write(path: Path, data: bytes, mtime_ns: int | None = None) -> None:
     """Write ``data`` to ``path`` via a same-directory temp file, fsync and ``os.replace``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
@@ -385,31 +453,54 @@ class _EntryFile:
     mtime_ns: int
 
 
-def default_cache_dir() -> Path:
-    """``$COSY_CACHE_DIR``, else ``~/.cache/cosyvoice-worker``."""
-    env = os.environ.get("COSY_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cosyvoice-worker"
+@dataclass
+class IndexRepair:
+    """What :meth:`PromptCache.repair_index` did."""
+
+    path: Path  # the index file
+    was_corrupt: bool  # False: the index was readable (or absent) and was left alone
+    kept: dict[str, str]  # the names now in the index, {name: key}
+    backup: Path | None  # where the damaged file was set aside (None if nothing was wrong)
 
 
-def default_max_mb() -> float:
-    """``$COSY_CACHE_MAX_MB`` (MiB; ``inf`` for no cap), else 2048."""
-    env = os.environ.get("COSY_CACHE_MAX_MB")
-    if env is None or not env.strip():
-        return DEFAULT_MAX_MB
+# ``"name": "<64 hex>"`` pairs, for salvaging names out of a damaged index
+_PAIR_RE = re.compile(r'"((?:[^"\\\n]|\\.){1,400})"\s*:\s*"([0-9a-f]{64})"')
+
+
+def _salvage_pairs(raw: bytes) -> dict[str, str]:
+    """Every ``name -> key`` pair still readable in a damaged index's bytes."""
+    found: dict[str, str] = {}
     try:
-        value = float(env)
+        doc = json.loads(raw)
     except ValueError:
-        raise CacheError(f"COSY_CACHE_MAX_MB must be a number of MiB, got {env!r}") from None
-    if not value > 0:
-        raise CacheError(f"COSY_CACHE_MAX_MB must be > 0, got {env!r}")
-    return value
+        doc = None
+    if isinstance(doc, dict) and isinstance(doc.get("speakers"), dict):
+        candidates = list(doc["speakers"].items())
+    else:
+        text = raw.decode("utf-8", errors="replace")
+        candidates = []
+        for m in _PAIR_RE.finditer(text):
+            try:
+                candidates.append((json.loads(f'"{m.group(1)}"'), m.group(2)))
+            except ValueError:
+                continue
+    for name, key in candidates:
+        try:
+            validate_speaker_name(name)
+            _check_key(key)
+        except (CacheError, ValueError):
+            continue
+        found[name] = key
+    return found
 
 
 class PromptCache:
     """Prompt features on disk under ``root``, capped at ``max_mb`` MiB, with named speakers.
 
     Safe to share between threads and processes: every file is replaced atomically and every
-    index change or eviction runs under an exclusive ``flock`` on ``root/.lock``.
+    index change or eviction runs under an exclusive ``flock`` on ``root/.lock``. A ``root``
+    this process cannot write still serves reads (see the module docstring); changes then raise
+    :class:`ReadOnlyCache`.
     """
 
     def __init__(self, root: str | os.PathLike[str], max_mb: float = DEFAULT_MAX_MB):
@@ -421,16 +512,55 @@ class PromptCache:
         self.entries_dir = self.root / "entries"
         self.index_path = self.root / "speakers.json"
         self.lock_path = self.root / ".lock"
-        self.entries_dir.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise CacheError(f"prompt cache directory {self.root} exists and is not a directory")
+        if not self.entries_dir.is_dir():  # an existing cache needs no write to be read
+            try:
+                self.entries_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if not (_is_read_only(exc) and self.root.is_dir()):
+                    reason = exc.strerror or str(exc)
+                    raise CacheError(
+                        f"cannot create the prompt cache directory {self.entries_dir}: {reason}"
+                    ) from exc
+                # an existing, read-only root without entries: an empty cache that can be read
         self.hits = self.misses = self.corrupt_dropped = self.evicted = 0
 
     @classmethod
-    def from_env(cls) -> PromptCache:
-        """A cache at ``$COSY_CACHE_DIR`` capped at ``$COSY_CACHE_MAX_MB`` (with defaults)."""
-        return cls(default_cache_dir(), default_max_mb())
+    def from_knobs(cls, knobs: Knobs) -> PromptCache:
+        """A cache at ``knobs.cache_dir`` capped at ``knobs.cache_max_mb`` (``COSY_CACHE_DIR``,
+        ``COSY_CACHE_MAX_MB``, validated by :meth:`worker.settings.Knobs.from_env`)."""
+        return cls(knobs.cache_dir, knobs.cache_max_mb)
 
     def __repr__(self) -> str:
         return f"PromptCache({str(self.root)!r}, max_mb={self.max_bytes / MB:g})"
+
+    # -- changes and read-only directories ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def _change(self, what: str, lock: bool = True) -> Iterator[None]:
+        """Run a change (under the lock unless ``lock=False``); a write refused by the file
+        system (read-only mount, permissions) becomes :class:`ReadOnlyCache`."""
+        try:
+            if lock:
+                with self._locked():
+                    yield
+            else:
+                yield
+        except OSError as exc:
+            if _is_read_only(exc):
+                raise ReadOnlyCache(self.root, what, exc) from exc
+            raise
+
+    def check_writable(self, what: str = "change the prompt cache") -> None:
+        """Raise :class:`ReadOnlyCache` unless a file can be created in the cache directory.
+
+        Cheap (one temp file); call it before expensive work whose result must be stored.
+        """
+        with self._change(what, lock=False):
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".probe.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(tmp)
 
     # -- entries ----------------------------------------------------------------------------
 
@@ -440,8 +570,9 @@ class PromptCache:
     def __contains__(self, key: str) -> bool:
         return self.path_for(key).is_file()
 
-    def get(self, key: str) -> PromptEntry | None:
-        """The entry for ``key``, or None. A hit makes it the most recently used.
+    def get(self, key: str, *, touch: bool = True) -> PromptEntry | None:
+        """The entry for ``key``, or None. A hit makes it the most recently used (unless
+        ``touch=False``, e.g. for listing).
 
         A corrupt, truncated or unreadable entry is logged, deleted and reported as a miss.
         """
@@ -463,17 +594,27 @@ class PromptCache:
             self._drop_corrupt(path, st, str(exc))
             self.misses += 1
             return None
-        self._touch(path)
+        if touch:
+            self._touch(path)
         self.hits += 1
         return entry
 
     def put(self, key: str, entry: PromptEntry) -> None:
-        """Store ``entry`` under ``key`` (atomically, replacing any old one), then evict."""
+        """Store ``entry`` under ``key`` (atomically, replacing any old one), then evict.
+
+        Raises :class:`ReadOnlyCache` if the cache directory cannot be written.
+        """
         if not isinstance(entry, PromptEntry):
             raise TypeError(f"expected a PromptEntry, got {type(entry).__name__}")
         path = self.path_for(key)
-        _atomic_write(path, _encode_entry(key, entry), mtime_ns=time.time_ns())
+        with self._change(f"store entry {key[:12]}…", lock=False):
+            self._write_entry(path, key, entry)
         self.evict()
+
+    def _write_entry(self, path: Path, key: str, entry: PromptEntry) -> None:
+        if not self.entries_dir.is_dir():  # a read-only root could not create it at start
+            self.entries_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, _encode_entry(key, entry), mtime_ns=time.time_ns())
 
     def get_or_compute(
         self, key: str, compute: Callable[[], PromptEntry]
@@ -492,36 +633,52 @@ class PromptCache:
             raise TypeError(f"compute() returned {type(entry).__name__}, not a PromptEntry")
         try:
             self.put(key, entry)
-        except OSError as exc:  # disk full, read-only: the request still gets its features
+        except (OSError, ReadOnlyCache) as exc:  # the request still gets its features
             logger.warning("prompt cache: could not store entry %s: %s", key[:12], exc)
         return entry, False
 
     def _touch(self, path: Path) -> None:
         now = time.time_ns()
-        with contextlib.suppress(FileNotFoundError):  # evicted or replaced meanwhile: fine
+        try:
             os.utime(path, ns=(now, now))
+        except FileNotFoundError:  # evicted or replaced meanwhile: fine
+            pass
+        except OSError as exc:
+            if not _is_read_only(exc):
+                raise
+            # read-only cache: recency is not recorded, the entry is served all the same
 
     def _drop_corrupt(self, path: Path, st: os.stat_result | None, why: str) -> None:
-        logger.warning("prompt cache: dropping corrupt entry %s (%s)", path.name, why)
         self.corrupt_dropped += 1
         try:
             now = os.stat(path)
         except FileNotFoundError:
+            logger.warning("prompt cache: dropping corrupt entry %s (%s)", path.name, why)
             return
         # Do not delete a fresh, complete file another process put there after we read.
         if st is not None and (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+            logger.warning("prompt cache: corrupt read of entry %s (%s); replaced meanwhile",
+                           path.name, why)  # fmt: skip
             return
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
-            logger.warning("prompt cache: cannot delete %s: %s", path, exc)
+            logger.warning(
+                "prompt cache: corrupt entry %s (%s); cannot delete it: %s", path.name, why, exc
+            )
+            return
+        logger.warning("prompt cache: dropping corrupt entry %s (%s)", path.name, why)
 
     def _entry_files(self) -> tuple[list[_EntryFile], list[Path]]:
         files: list[_EntryFile] = []
         temps: list[Path] = []
-        with os.scandir(self.entries_dir) as it:
+        try:
+            it = os.scandir(self.entries_dir)
+        except FileNotFoundError:  # a read-only root that never held an entry
+            return files, temps
+        with it:
             for de in it:
                 name = de.name
                 if name.startswith(".") and name.endswith(".tmp"):
@@ -544,48 +701,69 @@ class PromptCache:
 
         Entries of named speakers are never deleted (if they alone exceed the cap, a warning
         is logged). Temp files older than an hour (crashed writers) are removed too. Returns
-        the evicted keys.
+        the evicted keys. On a read-only cache nothing can be deleted: returns ``[]``.
         """
-        with self._locked():
-            files, temps = self._entry_files()
-            self._remove_stale_temps(temps)
-            total = sum(f.size for f in files)
+        try:
+            with self._locked():
+                return self._evict_locked()
+        except OSError as exc:
+            if not _is_read_only(exc):
+                raise
+            logger.debug("prompt cache: not evicting, %s is read-only (%s)", self.root, exc)
+            return []
+
+    def _evict_locked(self) -> list[str]:
+        files, temps = self._entry_files()
+        self._remove_stale_temps(temps)
+        total = sum(f.size for f in files)
+        if total <= self.max_bytes:
+            return []
+        try:
+            pinned = set(self._read_index().values())
+        except CacheError as exc:
+            logger.error("prompt cache: not evicting, %s", exc)
+            return []
+        evicted: list[str] = []
+        for f in sorted(files, key=lambda f: (f.mtime_ns, f.key)):
             if total <= self.max_bytes:
-                return []
+                break
+            if f.key in pinned:
+                continue
             try:
-                pinned = set(self._read_index().values())
-            except CorruptIndex as exc:
-                logger.error("prompt cache: not evicting, %s", exc)
-                return []
-            evicted: list[str] = []
-            for f in sorted(files, key=lambda f: (f.mtime_ns, f.key)):
-                if total <= self.max_bytes:
-                    break
-                if f.key in pinned:
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f.path)
-                total -= f.size
-                evicted.append(f.key)
-            self.evicted += len(evicted)
-            if total > self.max_bytes:
-                logger.warning(
-                    "prompt cache: %.1f MiB of named speakers exceed the %.1f MiB cap",
-                    total / MB,
-                    self.max_bytes / MB,
-                )
-            return evicted
+                os.unlink(f.path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if not _is_read_only(exc):
+                    raise
+                logger.debug("prompt cache: not evicting, %s is read-only (%s)", self.root, exc)
+                break
+            total -= f.size
+            evicted.append(f.key)
+        self.evicted += len(evicted)
+        if total > self.max_bytes:
+            logger.warning(
+                "prompt cache: %.1f MiB of named speakers exceed the %.1f MiB cap",
+                total / MB,
+                self.max_bytes / MB,
+            )
+        return evicted
 
     def _remove_stale_temps(self, temps: list[Path]) -> None:
         cutoff = time.time() - STALE_TEMP_SECONDS
         for tmp in temps:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if not _is_read_only(exc):
+                    raise
 
     def clear_unnamed(self) -> tuple[int, int]:
         """Delete every entry no named speaker points to. Returns ``(entries, bytes)`` freed."""
-        with self._locked():
+        with self._change("clear unnamed entries"):
             pinned = set(self._read_index().values())
             files, _ = self._entry_files()
             count = freed = 0
@@ -599,11 +777,10 @@ class PromptCache:
             return count, freed
 
     def stats(self) -> CacheStats:
+        """Sizes, counts and this object's counters. Raises :class:`CorruptIndex` for a
+        damaged index (the speaker counts would be wrong)."""
+        index = self._read_index()
         files, temps = self._entry_files()
-        try:
-            index = self._read_index()
-        except CorruptIndex:
-            index = {}
         pinned = set(index.values())
         pinned_files = [f for f in files if f.key in pinned]
         return CacheStats(
@@ -627,7 +804,15 @@ class PromptCache:
     def _locked(self) -> Iterator[None]:
         # A fresh open file description per acquisition: flock then excludes other threads of
         # this process as well as other processes. Never nest (it would deadlock).
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if not _is_read_only(exc):
+                raise
+            try:  # flock works on a read-only descriptor too
+                fd = os.open(self.lock_path, os.O_RDONLY)
+            except OSError:
+                raise exc from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -635,21 +820,16 @@ class PromptCache:
             os.close(fd)  # releases the lock
 
     def _read_index(self) -> dict[str, str]:
+        path = self.index_path
         try:
-            raw = self.index_path.read_bytes()
+            raw = path.read_bytes()
         except FileNotFoundError:
             return {}
-        try:
-            doc = json.loads(raw)
-            speakers = doc["speakers"]
-            if doc.get("version") != INDEX_VERSION or not isinstance(speakers, dict):
-                raise ValueError(f"unsupported index version {doc.get('version')!r}")
-            for name, key in speakers.items():
-                validate_speaker_name(name)
-                _check_key(key)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptIndex(f"speaker index {self.index_path} is unreadable: {exc}") from exc
-        return dict(speakers)
+        except IsADirectoryError:
+            raise CorruptIndex(path, "it is a directory, not a file") from None
+        except OSError as exc:
+            raise CacheError(f"cannot read speaker index {path}: {exc.strerror or exc}") from exc
+        return _parse_index(path, raw)
 
     def _write_index(self, speakers: dict[str, str]) -> None:
         doc = {"version": INDEX_VERSION, "speakers": dict(sorted(speakers.items()))}
@@ -681,26 +861,44 @@ class PromptCache:
             )
         return entry
 
-    def add_speaker(self, name: str, key: str, *, overwrite: bool = False) -> None:
-        """Name the entry ``key`` (which must exist). An existing name is an error unless
-        ``overwrite``. Named entries are never evicted."""
+    def add_speaker(
+        self,
+        name: str,
+        key: str,
+        *,
+        overwrite: bool = False,
+        entry: PromptEntry | None = None,
+    ) -> None:
+        """Name the entry ``key``. An existing name is an error (:class:`SpeakerExists`)
+        unless ``overwrite``. Named entries are never evicted.
+
+        Without ``entry`` the entry must be stored already (else :class:`MissingEntry`); with
+        it, the entry is written and named under one lock, so no eviction can come between.
+        """
         validate_speaker_name(name)
+        if entry is not None and not isinstance(entry, PromptEntry):
+            raise TypeError(f"expected a PromptEntry, got {type(entry).__name__}")
         path = self.path_for(key)
-        with self._locked():
-            if not path.is_file():
-                raise MissingEntry(f"no cache entry {key}; put it before naming it")
+        with self._change(f"add speaker {name!r}"):
             index = self._read_index()
             if name in index and not overwrite:
                 raise SpeakerExists(
                     f"speaker {name!r} already exists (entry {index[name][:12]}…); "
-                    "use overwrite to replace it"
+                    "pass overwrite=True to replace it",
+                    name,
                 )
+            if entry is not None:
+                self._write_entry(path, key, entry)
+            elif not path.is_file():
+                raise MissingEntry(f"no cache entry {key}; put it before naming it")
             index[name] = key
             self._write_index(index)
+        if entry is not None:
+            self.evict()
 
     def delete_speaker(self, name: str) -> str:
         """Forget a name (its entry stays, unpinned). Returns the key it pointed to."""
-        with self._locked():
+        with self._change(f"delete speaker {name!r}"):
             index = self._read_index()
             if name not in index:
                 raise UnknownSpeaker(name, list(index))
@@ -711,30 +909,99 @@ class PromptCache:
     def rename_speaker(self, old: str, new: str) -> None:
         """Rename a speaker; ``new`` must be a valid name that is not taken."""
         validate_speaker_name(new)
-        with self._locked():
+        with self._change(f"rename speaker {old!r}"):
             index = self._read_index()
             if old not in index:
                 raise UnknownSpeaker(old, list(index))
             if new == old:
                 return
             if new in index:
-                raise SpeakerExists(f"cannot rename {old!r}: speaker {new!r} already exists")
+                raise SpeakerExists(
+                    f"cannot rename {old!r}: speaker {new!r} already exists; "
+                    "delete or rename that one first",
+                    new,
+                )
             index[new] = index.pop(old)
             self._write_index(index)
+
+    def repair_index(self) -> IndexRepair:
+        """Recover from a damaged ``speakers.json`` (the fix :class:`CorruptIndex` names).
+
+        A readable (or absent) index is left alone. Otherwise the bad file is copied to
+        ``speakers.json.corrupt-<time>``, every ``name -> key`` pair that can still be read from
+        it is kept, and a valid index holding those is written in its place. Entries are never
+        touched; the entries of lost names become unpinned (evictable) until named again.
+        """
+        with self._change("repair the speaker index"):
+            try:
+                raw = self.index_path.read_bytes()
+            except FileNotFoundError:
+                return IndexRepair(self.index_path, False, {}, None)
+            except IsADirectoryError:
+                raw = None
+            if raw is not None:
+                try:
+                    return IndexRepair(self.index_path, False, _parse_index(self.index_path, raw),
+                                       None)  # fmt: skip
+                except CorruptIndex:
+                    pass
+            kept = _salvage_pairs(raw) if raw is not None else {}
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            backup = self.index_path.with_name(f"{self.index_path.name}.corrupt-{stamp}")
+            n = 1
+            while backup.exists():
+                n += 1
+                backup = self.index_path.with_name(f"{self.index_path.name}.corrupt-{stamp}-{n}")
+            if raw is None:  # a directory where the file belongs: move it aside
+                os.replace(self.index_path, backup)
+            else:
+                _atomic_write(backup, raw)
+            self._write_index(kept)
+            logger.info(
+                "prompt cache: rebuilt speaker index %s with %d name(s); damaged file kept as %s",
+                self.index_path, len(kept), backup,
+            )  # fmt: skip
+            return IndexRepair(self.index_path, True, kept, backup)
+
+
+def _parse_index(path: Path, raw: bytes) -> dict[str, str]:
+    """``{name: key}`` from an index file's bytes; any defect raises :class:`CorruptIndex`."""
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError:
+        raise CorruptIndex(path, "not UTF-8 text") from None
+    except ValueError as exc:
+        raise CorruptIndex(path, f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise CorruptIndex(
+            path, f'expected a JSON object with "version" and "speakers", got {type(doc).__name__}'
+        )
+    if doc.get("version") != INDEX_VERSION:
+        raise CorruptIndex(path, f"version is {doc.get('version')!r}, expected {INDEX_VERSION}")
+    speakers = doc.get("speakers")
+    if not isinstance(speakers, dict):
+        raise CorruptIndex(path, f'"speakers" is {type(speakers).__name__}, expected an object')
+    for name, key in speakers.items():
+        try:
+            validate_speaker_name(name)
+            _check_key(key)
+        except (CacheError, ValueError) as exc:
+            raise CorruptIndex(path, f"speaker {name!r}: {exc}") from None
+    return dict(speakers)
 
 
 __all__ = [
     "CacheError",
     "CacheStats",
     "CorruptIndex",
+    "IndexRepair",
     "InvalidSpeakerName",
     "MissingEntry",
     "PromptCache",
     "PromptEntry",
+    "ReadOnlyCache",
     "SpeakerExists",
     "UnknownSpeaker",
     "cache_key",
-    "default_cache_dir",
-    "default_max_mb",
     "validate_speaker_name",
 ]

@@ -305,7 +305,7 @@ def test_add_speaker_rules(cache: PromptCache):
     with pytest.raises(MissingEntry):
         cache.add_speaker("ghost", key_of(9))
     cache.add_speaker("alice", key_of(0))
-    with pytest.raises(SpeakerExists, match="alice"):
+    with pytest.raises(SpeakerExists, match="'alice' already exists.*overwrite=True"):
         cache.add_speaker("alice", key_of(1))
     cache.add_speaker("alice", key_of(1), overwrite=True)
     assert cache.speakers() == {"alice": key_of(1)}
@@ -405,7 +405,7 @@ def test_processes_racing_on_one_key_and_name(tmp_path: Path):
 
 
 def run_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COSY_CACHE")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COSY_")}
     env["PYTHONPATH"] = str(REPO)
     return subprocess.run(
         [sys.executable, "-m", "cache", "--dir", str(root), *args],
@@ -444,7 +444,15 @@ def test_cli_list_show_rename_delete(cache: PromptCache):
 
     out = run_cli(root, "show", "nobody")
     assert out.returncode == 2
-    assert "unknown speaker 'nobody'" in out.stderr and "'carol'" in out.stderr
+    assert out.stderr == "error: unknown speaker 'nobody'; known speakers: 'carol'\n"
+
+
+def one_error_line(capsys) -> str:
+    """The CLI's stderr, checked to be exactly one ``error: ...`` line."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err[len("error: ") : -1]
 
 
 def test_cli_errors_stats_and_clear(cache: PromptCache, capsys):
@@ -454,41 +462,76 @@ def test_cli_errors_stats_and_clear(cache: PromptCache, capsys):
     cache.add_speaker("bob", key_of(1))
     d = ["--dir", str(cache.root)]
 
-    assert cli_main([*d, "rename", "alice", "bob"]) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert cli_main([*d, "rename", "alice", "a/b"]) == 2
-    assert "path separator" in capsys.readouterr().err
-    assert cli_main([*d, "delete", "nobody"]) == 2
-    assert "unknown speaker 'nobody'" in capsys.readouterr().err
+    assert cli_main([*d, "rename", "alice", "bob"], env={}) == 2
+    assert "speaker 'bob' already exists; delete or rename" in one_error_line(capsys)
+    assert cli_main([*d, "rename", "alice", "a/b"], env={}) == 2
+    assert "path separator" in one_error_line(capsys)
+    assert cli_main([*d, "delete", "nobody"], env={}) == 2
+    assert one_error_line(capsys) == "unknown speaker 'nobody'; known speakers: 'alice', 'bob'"
 
-    assert cli_main([*d, "delete", "bob"]) == 0
-    assert cli_main([*d, "clear-unnamed"]) == 0
+    assert cli_main([*d, "delete", "bob"], env={}) == 0
+    assert cli_main([*d, "clear-unnamed"], env={}) == 0
     assert "removed 1 unnamed" in capsys.readouterr().out
-    assert cli_main([*d, "stats"]) == 0
+    assert cli_main([*d, "stats"], env={}) == 0
     assert "entries:   1" in capsys.readouterr().out
-    assert cli_main([*d, "--max-mb", "0", "stats"]) == 2
-    assert "max_mb" in capsys.readouterr().err
+    for bad in ("0", "-1", "nan"):
+        assert cli_main([*d, "--max-mb", bad, "stats"], env={}) == 2
+        assert one_error_line(capsys).startswith("--max-mb must be a number > 0")
+    assert cli_main([*d, "--max-mb", "lots", "stats"], env={}) == 2  # argparse: one line too
+    assert "--max-mb" in one_error_line(capsys)
+    assert cli_main([*d, "frobnicate"], env={}) == 2
+    assert "frobnicate" in one_error_line(capsys)
 
 
-def test_cli_add_calls_the_frontend(cache: PromptCache, tmp_path: Path, monkeypatch, capsys):
-    wav = tmp_path / "prompt.wav"
-    wav.write_bytes(b"RIFF")  # only its existence is checked before the frontend runs
-    calls = []
+def _fake_frontend(monkeypatch, calls: list, key: str, entry: PromptEntry) -> None:
+    """Stand-in for worker.frontend.prepare: records how `add` drives Frontend.add_speaker."""
 
-    def prepare_prompt(model_dir, prompt_wav, prompt_text, c):
-        calls.append((model_dir, prompt_wav, prompt_text))
-        c.put(key_of(5), make_entry(5))
-        return key_of(5)
+    class Frontend:
+        def __init__(self, model_dir, cache, knobs=None):
+            calls.append(("init", str(model_dir), knobs.frontend_threads))
+            self.cache = cache
+
+        def add_speaker(self, name, audio, prompt_text="", overwrite=False):
+            calls.append(("add_speaker", name, str(audio), prompt_text, overwrite))
+            self.cache.add_speaker(name, key, overwrite=overwrite, entry=entry)
+            return {"name": name, "key": key, "has_transcript": bool(prompt_text)}
 
     fake = types.ModuleType("worker.frontend.prepare")
-    fake.prepare_prompt = prepare_prompt
+    fake.Frontend = Frontend
     monkeypatch.setitem(sys.modules, "worker.frontend.prepare", fake)
-    args = ["--dir", str(cache.root), "add", "dora", "--model-dir", "m", "--prompt-wav", str(wav)]
-    assert cli_main([*args, "--prompt-text", "hi"]) == 0
-    assert calls == [("m", str(wav), "hi")]
+
+
+def test_cli_add_calls_frontend_add_speaker(
+    cache: PromptCache, tmp_path: Path, monkeypatch, capsys
+):
+    wav = tmp_path / "prompt.wav"
+    wav.write_bytes(b"RIFF")  # only its existence is checked before the frontend runs
+    model = tmp_path / "model"
+    model.mkdir()
+    calls: list = []
+    _fake_frontend(monkeypatch, calls, key_of(5), make_entry(5))
+    env = {"COSY_FRONTEND_THREADS": "3"}
+    args = ["--dir", str(cache.root), "add", "dora", "--model-dir", str(model)]
+    args += ["--prompt-wav", str(wav)]
+    assert cli_main([*args, "--prompt-text", "hi"], env=env) == 0
+    assert calls == [("init", str(model), 3), ("add_speaker", "dora", str(wav), "hi", False)]
+    assert "added speaker 'dora'" in capsys.readouterr().out
     assert cache.speakers() == {"dora": key_of(5)}
-    assert cli_main(args) == 2 and "--overwrite" in capsys.readouterr().err
-    assert len(calls) == 1  # refused before running the frontend
+    assert cli_main(args, env=env) == 2
+    assert one_error_line(capsys) == "speaker 'dora' already exists; pass --overwrite to replace it"
+    assert len(calls) == 2  # refused before running the frontend
+    assert cli_main([*args, "--overwrite"], env=env) == 0
+    assert calls[-1] == ("add_speaker", "dora", str(wav), "", True)
+    assert "no transcript" in capsys.readouterr().out
+
+    # what the user typed is checked, naming the flag
+    eve = ["--dir", str(cache.root), "add", "eve", "--model-dir", str(model)]
+    assert cli_main([*eve, "--prompt-wav", str(tmp_path / "nope.wav")], env=env) == 2
+    assert one_error_line(capsys).startswith("--prompt-wav: file not found")
+    bad_model = ["--dir", str(cache.root), "add", "eve", "--model-dir", str(tmp_path / "nope")]
+    assert cli_main([*bad_model, "--prompt-wav", str(wav)], env=env) == 2
+    assert one_error_line(capsys).startswith("--model-dir: not a directory")
+    assert len(calls) == 4
 
 
 def test_cli_add_without_frontend_is_a_clear_error(
@@ -498,7 +541,9 @@ def test_cli_add_without_frontend_is_a_clear_error(
     wav.write_bytes(b"RIFF")
     monkeypatch.setitem(sys.modules, "worker.frontend.prepare", None)
     code = cli_main(
-        ["--dir", str(cache.root), "add", "x", "--model-dir", "m", "--prompt-wav", str(wav)]
-    )
+        ["--dir", str(cache.root), "add", "x", "--model-dir", str(tmp_path), "--prompt-wav",
+         str(wav)],
+        env={},
+    )  # fmt: skip
     assert code == 2
-    assert "worker.frontend.prepare" in capsys.readouterr().err
+    assert "worker.frontend.prepare" in one_error_line(capsys)

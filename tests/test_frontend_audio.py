@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import torch
 from worker.frontend.audio import (
     AudioError,
     campplus_fbank,
+    check_not_silent,
+    level_dbfs,
     load_audio,
     load_wav,
     prompt_mel_24k,
@@ -231,3 +234,73 @@ def test_too_short(tmp_path):
 
 def test_audio_error_is_value_error():
     assert issubclass(AudioError, ValueError)
+
+
+# ----------------------------------------------------------------------------- bytes, damage, level
+
+
+def _wav(data: np.ndarray, sr: int = 16000, fmt: str = "WAV", subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, data, sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def test_bytes_load_like_the_file(tmp_path):
+    sig = (0.25 * np.sin(np.arange(8000) / 10.0)).astype(np.float32)
+    for fmt in ("WAV", "FLAC", "OGG"):
+        subtype = "VORBIS" if fmt == "OGG" else "PCM_16"
+        p = tmp_path / f"a.{fmt.lower()}"
+        p.write_bytes(_wav(sig, fmt=fmt, subtype=subtype))
+        x_file, sr_file = load_audio(p)
+        for data in (p.read_bytes(), bytearray(p.read_bytes()), memoryview(p.read_bytes())):
+            x, sr = load_audio(data)
+            assert sr == sr_file == 16000 and np.array_equal(x, x_file), fmt
+
+
+def test_bytes_errors_name_the_data():
+    with pytest.raises(AudioError, match=r"audio data is empty \(0 bytes\)"):
+        load_audio(b"")
+    with pytest.raises(AudioError, match=r"not a readable audio file: <audio data, 900 bytes> "):
+        load_audio(b"not audio" * 100)
+
+
+def test_truncated_wav_is_refused(tmp_path):
+    data = _wav(np.full(16000, 0.1, np.float32))
+    cut = data[: len(data) // 2]
+    with pytest.raises(AudioError, match=r"truncated \(its WAV header declares 32000 bytes of "):
+        load_audio(cut)
+    p = tmp_path / "cut.wav"
+    p.write_bytes(cut)
+    with pytest.raises(AudioError, match=f"truncated .*: {p}"):
+        load_audio(p)
+    # a file one byte short is still truncated; trailing bytes after the data are fine
+    with pytest.raises(AudioError, match="truncated"):
+        load_audio(data[:-1])
+    x, _ = load_audio(data + b"LIST\x04\x00\x00\x00abcd")
+    assert x.shape == (16000,)
+
+
+@pytest.mark.parametrize("size", [0xFFFFFFFF, 0x7FFFFFFF])
+def test_streamed_wav_with_unknown_size_loads(size):
+    """Writers that stream (pipes, recorders) put 0xFFFFFFFF (or 0x7FFFFFFF) as the data size."""
+    data = bytearray(_wav(np.full(16000, 0.1, np.float32)))
+    i = data.index(b"data")
+    data[i + 4 : i + 8] = size.to_bytes(4, "little")
+    x, sr = load_audio(bytes(data))
+    assert sr == 16000 and x.shape[0] > 0
+
+
+def test_level_and_silence():
+    t = np.arange(16000) / 16000
+    tone = (0.5 * np.sin(2 * np.pi * 100 * t)).astype(np.float32)
+    peak, rms = level_dbfs(tone)
+    assert peak == pytest.approx(20 * math.log10(0.5), abs=0.01)
+    assert rms == pytest.approx(20 * math.log10(0.5 / math.sqrt(2)), abs=0.01)
+    assert level_dbfs(np.zeros(100)) == (-math.inf, -math.inf)
+    assert level_dbfs(tone + 0.3)[0] == pytest.approx(peak, abs=0.01)  # DC offset removed
+    check_not_silent(tone * 10 ** (-50 / 20))  # quiet but audible: accepted
+    for silent in (np.zeros(16000), tone * 10 ** (-65 / 20), np.full(16000, 0.2)):
+        with pytest.raises(AudioError, match="prompt audio is silent"):
+            check_not_silent(silent)
+    with pytest.raises(AudioError, match=r"the clip is silent \(peak -inf dBFS"):
+        check_not_silent(np.zeros(10), "the clip")

@@ -2,9 +2,11 @@
 
 This module owns everything between a prompt file and the arrays the models eat:
 
-* :func:`load_audio` reads any format libsndfile reads (float32, channels averaged, PCM16 as
-  x/32768 -- what torchaudio 2.3.1's soundfile backend returns) and rejects broken input with
-  :class:`AudioError` instead of letting it reach the models.
+* :func:`load_audio` reads any format libsndfile reads, from a path or from a complete file's
+  bytes (float32, channels averaged, PCM16 as x/32768 -- what torchaudio 2.3.1's soundfile
+  backend returns) and rejects broken input (not audio, truncated WAV, empty, NaN) with
+  :class:`AudioError` instead of letting it reach the models. :func:`check_not_silent` refuses
+  a silent prompt (peak below -60 dBFS).
 * :func:`resample` is torchaudio's ``transforms.Resample`` at its defaults (``sinc_interp_hann``,
   ``lowpass_filter_width=6``, ``rolloff=0.99``) rewritten in torch: same kernel (built in float64,
   stored as float32), same padding, same strided ``conv1d``, same output length. It reproduces
@@ -23,6 +25,7 @@ here in numpy, including librosa's float32 rounding order, so librosa is not a d
 
 from __future__ import annotations
 
+import io
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +38,10 @@ __all__ = [
     "AudioError",
     "MIN_DURATION_S",
     "MIN_SOURCE_RATE",
+    "SILENCE_PEAK_DBFS",
+    "SILENCE_RMS_DBFS",
+    "check_not_silent",
+    "level_dbfs",
     "campplus_fbank",
     "kaldi_fbank",
     "load_audio",
@@ -52,6 +59,12 @@ MIN_SOURCE_RATE = 16000
 """Upstream ``load_wav`` asserts the file rate is at least this whenever it resamples."""
 
 
+SILENCE_PEAK_DBFS = -60.0
+"""A prompt whose peak (DC removed) is below this is refused as silent."""
+SILENCE_RMS_DBFS = -75.0
+"""... and so is one whose RMS is below this (a lone click in silence)."""
+
+
 class AudioError(ValueError):
     """The audio cannot be used as a prompt; the message says why."""
 
@@ -60,37 +73,130 @@ class AudioError(ValueError):
 # Loading
 
 
-def load_audio(path: str | Path, min_duration: float = MIN_DURATION_S) -> tuple[np.ndarray, int]:
-    """Read an audio file as float32 mono ``(N,)`` samples and its sample rate.
+def _source_name(source) -> str:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<audio data, {len(source)} bytes>"
+    return str(source)
 
+
+_WAV_SIZE_PLACEHOLDERS = (0xFFFFFFFF, 0x7FFFFFFF)  # streamed WAVs: size unknown when written
+
+
+def _wav_truncation(f, total: int) -> str | None:
+    """For a RIFF/WAVE file: why it is truncated (its ``data`` chunk declares more bytes than
+    the file holds), else None. libsndfile silently reads what is there."""
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= total:
+        f.seek(pos)
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            return None
+        size = int.from_bytes(chunk[4:8], "little")
+        if chunk[:4] == b"data":
+            available = total - (pos + 8)
+            if size not in _WAV_SIZE_PLACEHOLDERS and size > available:
+                return (
+                    f"its WAV header declares {size} bytes of samples but only {available} "
+                    "are there"
+                )
+            return None
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def load_audio(
+    source: str | Path | bytes, min_duration: float = MIN_DURATION_S
+) -> tuple[np.ndarray, int]:
+    """Read audio as float32 mono ``(N,)`` samples and its sample rate.
+
+    ``source`` is a file path or a complete audio file's bytes (any format libsndfile reads).
     Integer PCM is scaled by libsndfile (PCM16 -> x/32768), float files are read as stored, and
-    several channels are averaged. Raises :class:`AudioError` for a missing or empty file, bytes
-    that are not audio, zero samples, NaN/inf samples, or a clip shorter than ``min_duration``.
+    several channels are averaged. Raises :class:`AudioError` for a missing or empty file,
+    bytes that are not audio, a truncated WAV, zero samples, NaN/inf samples, or a clip shorter
+    than ``min_duration``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"audio file not found: {path}")
-    if path.stat().st_size == 0:
-        raise AudioError(f"audio file is empty (0 bytes): {path}")
+    name = _source_name(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data_bytes = bytes(source)
+        if not data_bytes:
+            raise AudioError("audio data is empty (0 bytes)")
+        f = io.BytesIO(data_bytes)
+        total = len(data_bytes)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise AudioError(f"audio file not found: {path}")
+        total = path.stat().st_size
+        if total == 0:
+            raise AudioError(f"audio file is empty (0 bytes): {path}")
+        f = open(path, "rb")  # noqa: SIM115 -- closed below
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile's errors (LibsndfileError, RuntimeError, ...)
-        raise AudioError(f"not a readable audio file: {path} ({e})") from e
+        truncated = _wav_truncation(f, total)
+        if truncated:
+            raise AudioError(f"audio file is truncated ({truncated}): {name}")
+        f.seek(0)
+        try:
+            data, sr = sf.read(f, dtype="float32", always_2d=True)
+        except Exception as e:  # libsndfile's errors (LibsndfileError, RuntimeError, ...)
+            why = str(e).split(": ", 1)[-1] if ": " in str(e) else str(e)
+            raise AudioError(f"not a readable audio file: {name} ({why})") from e
+    finally:
+        f.close()
     if data.shape[0] == 0 or data.shape[1] == 0:
-        raise AudioError(f"audio file has zero samples: {path}")
+        raise AudioError(f"audio file has zero samples: {name}")
     if sr <= 0:
-        raise AudioError(f"audio file has an invalid sample rate {sr}: {path}")
+        raise AudioError(f"audio file has an invalid sample rate {sr}: {name}")
     if not np.isfinite(data).all():
-        raise AudioError(f"audio contains NaN or infinite samples: {path}")
+        raise AudioError(f"audio contains NaN or infinite samples: {name}")
     # torch mean over channels, as upstream (speech.mean(dim=0)); identical for one channel.
     x = torch.from_numpy(np.ascontiguousarray(data.T)).mean(dim=0).numpy()
     duration = x.shape[0] / sr
     if duration < min_duration:
         raise AudioError(
             f"audio is too short: {duration:.3f} s ({x.shape[0]} samples at {sr} Hz), "
-            f"need at least {min_duration} s: {path}"
+            f"need at least {min_duration} s: {name}"
         )
     return x.astype(np.float32, copy=False), int(sr)
+
+
+def level_dbfs(x: np.ndarray) -> tuple[float, float]:
+    """``(peak, rms)`` of ``x`` in dBFS (full scale 1.0) after removing its mean (DC offset);
+    ``-inf`` for digital silence."""
+    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    if a.size == 0:
+        return -math.inf, -math.inf
+    a = a - a.mean()
+    peak = float(np.abs(a).max())
+    rms = float(np.sqrt(np.mean(a * a)))
+
+    def db(v: float) -> float:
+        return 20.0 * math.log10(v) if v > 0 else -math.inf
+
+    return db(peak), db(rms)
+
+
+def check_not_silent(x: np.ndarray, what: str = "prompt audio") -> None:
+    """Raise :class:`AudioError` if ``x`` is silent or nearly so: peak below
+    :data:`SILENCE_PEAK_DBFS` or RMS below :data:`SILENCE_RMS_DBFS` (DC offset removed).
+
+    A silent prompt gives no speaker or speech information (CAM++ returns a near-zero
+    embedding), so it is refused rather than encoded.
+    """
+    peak, rms = level_dbfs(x)
+    if peak < SILENCE_PEAK_DBFS or rms < SILENCE_RMS_DBFS:
+
+        def fmt(v: float) -> str:
+            return "-inf" if v == -math.inf else f"{v:.1f}"
+
+        raise AudioError(
+            f"{what} is silent (peak {fmt(peak)} dBFS, RMS {fmt(rms)} dBFS; need a peak of at "
+            f"least {SILENCE_PEAK_DBFS:.0f} dBFS and an RMS of at least "
+            f"{SILENCE_RMS_DBFS:.0f} dBFS): record the speaker speaking"
+        )
 
 
 def load_wav(path: str | Path, target_sr: int, min_sr: int = MIN_SOURCE_RATE) -> np.ndarray:
