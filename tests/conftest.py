@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests pass their settings explicitly: a COSY_* variable in the runner's environment (a typo,
+# an operator's tuning) must change no test's outcome, so none reaches the tests or the
+# processes they start.
+for _var in [v for v in os.environ if v.startswith("COSY_")]:
+    del os.environ[_var]
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"

@@ -211,6 +211,19 @@ def test_cancel_mid_stream_frees_every_stage(slow, prompt):
     assert st["counters"]["error.cancelled"] >= 1
 
 
+def test_cancel_never_stops_another_sockets_request_by_mistake(slow, prompt):
+    """A's own "x" is over; B's "x" runs: A's cancel of "x" must not stop B's."""
+    with slow.client() as a, slow.client() as b:
+        assert list(_tts(a, prompt, "Short.", seed=1, id="x"))[-1].final
+        sb = _tts(b, prompt, LONG, seed=2, id="x")
+        next(sb)
+        assert a.cancel("x") is False
+        assert b.cancel("x") is True  # its owner can
+        with pytest.raises(WorkerError) as info:
+            list(sb)
+        assert info.value.code == "cancelled"
+
+
 def test_killed_stage_fails_its_requests_and_is_restarted(slow, prompt):
     flow_pid = slow.stats()["stages"]["flow"]["pid"]
     with slow.client() as c:

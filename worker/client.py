@@ -485,6 +485,11 @@ def _synthesize(client: Client, args: argparse.Namespace) -> int:
         f"wrote {args.out}",
         file=sys.stderr,
     )
+    if audio.size == 0:
+        print(f"{PROG}: warning: the worker produced no audio for this text (the model ended "
+              "it at once); the file is empty", file=sys.stderr)  # fmt: skip
+    elif not np.any(audio):
+        print(f"{PROG}: warning: the audio is all zeros (silence)", file=sys.stderr)
     return 0
 
 

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from worker import protocol as proto
 from worker.ordering import SegmentOrder
 from worker.request import RequestError, force_tokens
 from worker.settings import KnobError, Knobs, configure_logging
-from worker.stages.messages import Abort, Audio, Failed, MessageError, Start, decode, encode
+from worker.stages.messages import Abort, Audio, Failed, Start, receive_all, send
 from worker.stages.process import STAGES, endpoint, rss_mb
 
 log = logging.getLogger("worker.server")
@@ -54,6 +54,7 @@ log = logging.getLogger("worker.server")
 TICK_S = 0.2  # supervision: stage liveness is checked at least this often
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0)  # delay before the n-th quick restart in a row
 RECENT = 1000  # finished requests kept for latency percentiles
+ENDED_KEPT = 10_000  # (peer, id) of ended requests remembered for cancel
 SEGMENTS_AHEAD = 2  # segments of one request in the stages at once
 SPEECH_TOKENS_PER_TEXT_TOKEN = 8  # K/V estimate (upstream allows up to 20; speech runs ~3-8)
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -112,6 +113,7 @@ class Server:
         self.utts: dict[tuple[bytes, str], Utterance] = {}
         self.by_rid: dict[str, Utterance] = {}
         self.queue: deque[Utterance] = deque()
+        self.ended: OrderedDict[tuple[bytes, str], None] = OrderedDict()  # recent (peer, id)
         self.rid_counter = itertools.count()
         self.counters = {"received": 0, "ok": 0, **{f"error.{c}": 0 for c in proto.ERROR_CODES}}
         self.recent: deque[tuple[float, float, float]] = deque(maxlen=RECENT)
@@ -309,13 +311,8 @@ class Server:
                                                  overwrite=req.overwrite)  # fmt: skip
                 fields = {k: v for k, v in info.items() if k != "name"}
                 return self._send(envelope, proto.info_reply(req.id, op, name=req.name, **fields))
-        except (RequestError, ValueError) as e:
-            return self._reply_error(envelope, req.id, _code(e), str(e), op)
-        except KeyError as e:
-            return self._reply_error(envelope, req.id, "not_found", _msg(e), op)
-        except Exception as e:  # noqa: BLE001
-            code = "not_found" if type(e).__name__ == "UnknownSpeaker" else "bad_request"
-            return self._reply_error(envelope, req.id, code, _msg(e), op)
+        except Exception as e:  # noqa: BLE001 - one request's failure stays its own
+            return self._reply_error(envelope, req.id, *_classify(e), op)
         raise proto.ProtocolError("bad_request", f"unknown op {op!r}", req.id, op)
 
     # -- tts ---------------------------------------------------------------------------------
@@ -341,10 +338,8 @@ class Server:
                 "tts")  # fmt: skip
         try:
             reqs = self._prepare(op)
-        except (RequestError, ValueError) as e:
-            return self._reply_error(envelope, op.id, _code(e), str(e), "tts")
-        except KeyError as e:
-            return self._reply_error(envelope, op.id, "not_found", _msg(e), "tts")
+        except Exception as e:  # noqa: BLE001 - one request's failure stays its own
+            return self._reply_error(envelope, op.id, *_classify(e), "tts")
         est = [self._kv_estimate(r) for r in reqs]  # at most SEGMENTS_AHEAD run at once
         kv = max(sum(est[i : i + SEGMENTS_AHEAD]) for i in range(len(est)))
         limit = int(self.knobs.max_kv_gb * (1 << 30))
@@ -437,21 +432,12 @@ class Server:
             u.starts[u.sent] = None  # the tensors are in the socket now
             u.sent += 1
             self.by_rid[s.rid] = u
-            self.to_llm.send_multipart(encode(s), copy=False)
+            send(self.to_llm, s)
 
     # -- stage output --------------------------------------------------------------------------
 
     def _drain_out(self) -> None:
-        for _ in range(10_000):
-            try:
-                frames = self.from_hift.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                msg = decode(frames)
-            except MessageError as e:
-                log.error("dropped a malformed stage message: %s", e)
-                continue
+        for msg in receive_all(self.from_hift, log, limit=10_000):
             u = self.by_rid.get(msg.rid)
             if u is None:
                 continue  # a request that ended already (cancel, timeout, stage restart)
@@ -496,6 +482,9 @@ class Server:
     def _finish(self, u: Utterance, code: str | None, message: str) -> None:
         """End ``u``: reply the error (if ``code``), abort what the stages still hold."""
         self.utts.pop(u.key, None)
+        self.ended[u.key] = None
+        while len(self.ended) > ENDED_KEPT:
+            self.ended.popitem(last=False)
         if u in self.queue:
             self.queue.remove(u)
         pending = u.order.pending() if u.order is not None else []
@@ -515,14 +504,20 @@ class Server:
 
     def _to_llm(self, msg) -> None:
         try:
-            self.to_llm.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
+            send(self.to_llm, msg, zmq.NOBLOCK)
         except zmq.Again:
             log.warning("llm input full: could not send %s for %s", type(msg).__name__, msg.rid)
 
     def _cancel(self, identity: bytes, id: str) -> bool:
+        """Cancel the sender's own request ``id``; failing that, the one live request with
+        that id from another socket (a REQ client cancels from a second socket) -- unless the
+        sender had a request ``id`` itself that ended already, or the id is ambiguous."""
         u = self.utts.get((identity, id))
-        if u is None:  # another socket's request with that id
-            u = next((x for x in self.utts.values() if x.id == id), None)
+        if u is None:
+            if (identity, id) in self.ended:
+                return False  # its own request is over: never someone else's by mistake
+            others = [x for x in self.utts.values() if x.id == id]
+            u = others[0] if len(others) == 1 else None
         if u is None:
             return False
         self._finish(u, "cancelled", f"request {id!r} was cancelled")
@@ -690,12 +685,19 @@ def _percentiles(xs: list[float]) -> dict:
     return {"p50": pct(0.5), "p95": pct(0.95), "max": round(xs[-1], 4)}
 
 
-def _msg(e: BaseException) -> str:
-    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+def _classify(e: BaseException) -> tuple[str, str]:
+    """(error code, message) for an exception of the frontend or the prompt cache."""
+    from cache import CacheError, CorruptIndex, ReadOnlyCache, UnknownSpeaker
 
-
-def _code(e: BaseException) -> str:
-    return "not_found" if type(e).__name__ == "UnknownSpeaker" else "bad_request"
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, UnknownSpeaker):
+        return "not_found", msg
+    if isinstance(e, (CorruptIndex, ReadOnlyCache)):  # the worker's problem, named
+        return "internal", msg
+    if isinstance(e, (RequestError, ValueError, CacheError)):
+        return "bad_request", msg
+    log.exception("request failed")
+    return "internal", f"{type(e).__name__}: {msg}"
 
 
 def main(argv: list[str] | None = None) -> int:

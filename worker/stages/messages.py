@@ -169,6 +169,27 @@ def _tensor(spec: TensorSpec, buf) -> Tensor:
     return torch.from_numpy(arr)
 
 
+def receive_all(sock, log, limit: int = 100_000):
+    """Every message waiting on ZeroMQ socket ``sock`` (without blocking), decoded; malformed
+    ones are logged and dropped. The socket I/O edge of the stage processes and the server."""
+    import zmq
+
+    for _ in range(limit):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        try:
+            yield decode(frames)
+        except MessageError as e:
+            log.error("dropped a malformed stage message: %s", e)
+
+
+def send(sock, msg: Message, flags: int = 0) -> None:
+    """Send ``msg`` on ZeroMQ socket ``sock`` (tensor buffers without copies)."""
+    sock.send_multipart(encode(msg), flags, copy=False)
+
+
 def decode(frames: list) -> Message:
     """Frames (bytes, or zmq Frames / buffers) -> the message. Raises :class:`MessageError`."""
     if not frames:

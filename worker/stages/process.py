@@ -32,7 +32,7 @@ from pathlib import Path
 import zmq
 
 from worker.settings import KnobError, Knobs, configure_logging
-from worker.stages.messages import MessageError, decode, encode
+from worker.stages.messages import receive_all, send
 
 STAGES = ("llm", "flow", "hift")
 NEXT = {"llm": "flow.in", "flow": "hift.in", "hift": "out"}
@@ -124,7 +124,7 @@ class StageProcess:
 
     def send(self, msgs) -> None:
         for m in msgs:
-            self.out.send_multipart(encode(m), copy=False)
+            send(self.out, m)
 
     def loop(self) -> None:
         core, poller = self.core, zmq.Poller()
@@ -132,16 +132,7 @@ class StageProcess:
         while not self.stop:
             wait_ms = 0 if core.has_work() else int(STATUS_EVERY_S * 1000)
             if poller.poll(wait_ms):
-                while True:  # everything that arrived, before the next step
-                    try:
-                        frames = self.inp.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        msg = decode(frames)
-                    except MessageError as e:
-                        log.error("%s: dropped a malformed message: %s", self.stage, e)
-                        continue
+                for msg in receive_all(self.inp, log):  # everything, before the next step
                     self.send(core.handle(msg))
             if core.has_work():
                 self.send(core.step())
