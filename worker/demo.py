@@ -81,11 +81,22 @@ def one_line(text: str) -> str:
 
 
 def check_knobs(env=None):
-    """``Knobs.from_env()``, its :class:`KnobError` turned into a one-line InputError."""
+    """``Knobs.from_env()``, its :class:`KnobError` turned into a one-line InputError. With
+    ``COSY_CPUS`` the knobs are read again inside that CPU set, as the worker will see them
+    (a stage's ``COSY_<STAGE>_CPUS`` must lie within it)."""
     from worker.settings import KnobError, Knobs
 
     try:
-        return Knobs.from_env(env)
+        knobs = Knobs.from_env(env)
+        if knobs.cpus and hasattr(os, "sched_setaffinity"):
+            saved = os.sched_getaffinity(0)
+            if set(knobs.cpus) != saved:
+                os.sched_setaffinity(0, knobs.cpus)
+                try:
+                    Knobs.from_env(env)
+                finally:
+                    os.sched_setaffinity(0, saved)
+        return knobs
     except KnobError as e:
         head = "bad COSY_* setting" if len(e.problems) == 1 else "bad COSY_* settings"
         raise InputError(f"{head}: " + "; ".join(one_line(p) for p in e.problems)) from None
