@@ -63,7 +63,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import safetensors.numpy
 
 if TYPE_CHECKING:
     from worker.settings import Knobs
@@ -310,6 +309,8 @@ def _encode_entry(key: str, entry: PromptEntry) -> bytes:
         "meta": meta_json,
         "checksum": _checksum(key, arrays, entry.prompt_text, meta_json),
     }
+    import safetensors.numpy  # here, not at import: the client reuses the name rules only
+
     return safetensors.numpy.save(arrays, metadata=metadata)
 
 
@@ -331,6 +332,8 @@ def _decode_entry(key: str, data: bytes) -> PromptEntry:
     try:
         header = json.loads(data[8 : 8 + header_len])
         metadata = header.get("__metadata__") or {}
+        import safetensors.numpy
+
         arrays = safetensors.numpy.load(data)
     except Exception as exc:  # safetensors raises its own SafetensorError
         raise ValueError(f"unreadable safetensors data: {exc}") from exc

@@ -451,7 +451,6 @@ def _query(client: Client, args: argparse.Namespace) -> int:
 
 
 def _synthesize(client: Client, args: argparse.Namespace) -> int:
-    import soundfile as sf
 
     start = time.perf_counter()
     first_audio = None
@@ -477,7 +476,7 @@ def _synthesize(client: Client, args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
     audio_s = audio.size / rate
-    sf.write(str(args.out), audio, rate, subtype="PCM_16")
+    _write_wav(args.out, audio, rate)
     first = "n/a" if first_audio is None else f"{first_audio:.3f} s"
     rtf = f"{total / audio_s:.3f}" if audio_s > 0 else "n/a"
     print(
@@ -491,6 +490,18 @@ def _synthesize(client: Client, args: argparse.Namespace) -> int:
     elif not np.any(audio):
         print(f"{PROG}: warning: the audio is all zeros (silence)", file=sys.stderr)
     return 0
+
+
+def _write_wav(path, audio: np.ndarray, rate: int) -> None:
+    """Mono 16-bit PCM WAV with the standard library (the client needs no audio package)."""
+    import wave
+
+    pcm = np.rint(np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ class ModelConfig:
 def _need(node: Any, key: str, where: str, path: Path) -> Any:
     kw = node.kwargs if isinstance(node, Node) else node
     if not isinstance(kw, dict) or key not in kw:
-        raise ConfigError(f"{path}: missing '{key}' in {where}")
+        raise ConfigError(f"{path}: missing '{key}' in {where or 'the top level'}")
     return kw[key]
 
 

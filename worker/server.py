@@ -54,6 +54,7 @@ log = logging.getLogger("worker.server")
 TICK_S = 0.2  # supervision: stage liveness is checked at least this often
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0)  # delay before the n-th quick restart in a row
 RECENT = 1000  # finished requests kept for latency percentiles
+STAGE_STOP_S = 10  # a stage gets this long to exit after SIGTERM
 ENDED_KEPT = 10_000  # (peer, id) of ended requests remembered for cancel
 SEGMENTS_AHEAD = 2  # segments of one request in the stages at once
 SPEECH_TOKENS_PER_TEXT_TOKEN = 8  # K/V estimate (upstream allows up to 20; speech runs ~3-8)
@@ -595,12 +596,13 @@ class Server:
         return True
 
     def close(self) -> None:
-        """Stop the stages (SIGTERM, then SIGKILL after 10 s), close sockets, remove RUN."""
+        """Stop the stages (SIGTERM, then SIGKILL after STAGE_STOP_S, or 120 s when they write
+        torch profiles), close sockets, remove RUN."""
         procs = [st.proc for st in self.stages.values() if st.proc is not None]
         for p in procs:
             if p.poll() is None:
                 p.terminate()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + (120 if self.knobs.torch_profile else STAGE_STOP_S)
         for p in procs:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
@@ -709,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         knobs = Knobs.from_env()
     except KnobError as e:
-        print(f"worker.server: {e}", file=sys.stderr)
+        print(f"worker.server: {'; '.join(e.problems)}", file=sys.stderr)
         return 2
     configure_logging(knobs)
     model_dir = args.model_dir or knobs.model_dir
