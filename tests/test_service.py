@@ -125,6 +125,28 @@ def test_concurrent_clients_get_only_their_own_audio(service, prompt):
         assert np.array_equal(results[i], alone[i])
 
 
+def test_a_client_that_goes_away_frees_its_request(service, prompt):
+    """The worker notices an undeliverable reply and ends the request in every stage."""
+    wav, ptext = prompt
+    before = service.stats()["counters"]["error.cancelled"]
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.RCVTIMEO, 60_000)
+    s.connect(service.endpoint)
+    header = {"v": 1, "op": "tts", "id": "gone", "text": LONG, "prompt_text": ptext, "seed": 1}
+    s.send_multipart([json.dumps(header).encode(), wav])
+    assert json.loads(s.recv_multipart()[0])["final"] is False  # streaming has begun
+    s.close()
+    deadline = time.monotonic() + 60
+    while True:
+        st = service.stats()
+        if not st["active"] and not any(x["active_ids"] for x in st["stages"].values()):
+            break
+        assert time.monotonic() < deadline, st["active"]
+        time.sleep(0.2)
+    assert st["counters"]["error.cancelled"] == before + 1
+
+
 def test_fuzzed_messages_get_bad_request_and_the_worker_keeps_serving(service, prompt):
     rng = np.random.default_rng(0)
     good = {"v": 1, "op": "tts", "id": "f", "text": "hi", "prompt_text": "t"}

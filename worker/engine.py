@@ -222,7 +222,7 @@ class Engine:
         segment ends the utterance with its error chunk and cancels the rest."""
         rids = [self.add_request(r) for r in requests]
         order: SegmentOrder[AudioChunk] = SegmentOrder(rids)
-        seq, pending = 0, None
+        seq = 0
         while not order.done:
             for c in self.step():
                 if c.request_id not in order.index:
@@ -233,14 +233,10 @@ class Engine:
                     yield replace(c, request_id=rids[0], seq=seq)
                     return
                 for d in order.push(c.request_id, c, c.final):
-                    if pending is not None:
-                        yield pending
+                    last = d.final and d.request_id == rids[-1]
+                    if d.audio.numel() or last:  # never an empty chunk, but the final one may be
+                        yield replace(d, request_id=rids[0], seq=seq, final=last)
                         seq += 1
-                    pending = replace(d, request_id=rids[0], seq=seq, final=False)
-                    if not pending.audio.numel():
-                        pending = None
-        final = pending if pending is not None else AudioChunk(rids[0], seq, torch.zeros(0), True)
-        yield replace(final, final=True)
 
     def synthesize(self, req: TTSRequest) -> Tensor:
         """The whole utterance at once, (S,) float32."""

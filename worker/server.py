@@ -99,7 +99,6 @@ class Utterance:
     running: bool = False
     sent: int = 0  # segments handed to the stages
     seq: int = 0
-    held: Audio | None = None  # the last released chunk, sent when the next one comes
     collected: list[np.ndarray] = field(default_factory=list)  # stream: false
     samples: int = 0
     t_first: float | None = None
@@ -156,7 +155,8 @@ class Server:
         self.ctx = zmq.Context()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
-        self.front.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.front.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unreachable peer is an error
+        self.front.setsockopt(zmq.SNDHWM, 10_000)
         # a hard guard far above the protocol's limit (that one gets a bad_request reply)
         self.front.setsockopt(zmq.MAXMSGSIZE, 4 * self._max_frame_bytes() + (1 << 20))
         try:
@@ -249,11 +249,15 @@ class Server:
 
     # -- front socket ------------------------------------------------------------------------
 
-    def _send(self, envelope: list[bytes], frames: list[bytes]) -> None:
+    def _send(self, envelope: list[bytes], frames: list[bytes]) -> bool:
+        """Reply without blocking; False if the peer is gone or not reading (its queue of
+        replies is full): the caller ends that peer's request."""
         try:
             self.front.send_multipart(envelope + frames, zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # the peer is gone or not reading: drop, never block
-            log.debug("reply dropped: %s", e)
+            return True
+        except zmq.ZMQError as e:
+            log.info("reply to a peer dropped: %s", e)
+            return False
 
     def _drain_front(self) -> None:
         for _ in range(1000):
@@ -456,29 +460,31 @@ class Server:
         for chunk in u.order.push(msg.rid, msg, msg.final):
             if chunk.final:
                 self.by_rid.pop(chunk.rid, None)
-            if chunk.audio.numel() == 0 and not (chunk.final and u.order.done):
-                continue  # never an empty chunk, but the very last may be
-            if u.held is not None:
-                self._emit(u, u.held, final=False)
-            u.held = chunk
+            last = chunk.final and chunk.rid == u.rids[-1]
+            if chunk.audio.numel() == 0 and not last:
+                continue  # never an empty chunk, but the final one may be
+            if not self._emit(u, chunk, final=last):
+                self._finish(u, "cancelled", "the client is gone (its reply was undeliverable)")
+                return
         if u.order.done:
-            self._emit(u, u.held, final=True)
             self._finish(u, None, "")
 
-    def _emit(self, u: Utterance, chunk: Audio | None, final: bool) -> None:
-        audio = np.zeros(0, np.float32) if chunk is None else chunk.audio.numpy()
+    def _emit(self, u: Utterance, chunk: Audio, final: bool) -> bool:
+        """Reply with ``chunk`` at once (stream) or keep it for the one reply; False if the
+        client cannot be reached."""
+        audio = chunk.audio.numpy()
         if u.t_first is None and audio.size:
             u.t_first = time.monotonic()
         u.samples += audio.size
         if u.op.stream:
-            self._send(u.envelope, proto.audio_reply(u.id, u.seq, final, u.op.format, audio))
             u.seq += 1
-        else:
-            u.collected.append(audio)
-            if final:
-                allaudio = np.concatenate(u.collected) if u.collected else audio
-                self._send(u.envelope, proto.audio_reply(u.id, 0, True, u.op.format, allaudio))
-        u.held = None
+            return self._send(u.envelope, proto.audio_reply(u.id, u.seq - 1, final, u.op.format,
+                                                            audio))  # fmt: skip
+        u.collected.append(audio)
+        if final:
+            allaudio = np.concatenate(u.collected)
+            return self._send(u.envelope, proto.audio_reply(u.id, 0, True, u.op.format, allaudio))
+        return True
 
     def _finish(self, u: Utterance, code: str | None, message: str) -> None:
         """End ``u``: reply the error (if ``code``), abort what the stages still hold."""
