@@ -30,7 +30,7 @@ from worker.settings import Knobs
 from worker.stages.flow import FlowCore
 from worker.stages.hift import HiFTCore
 from worker.stages.llm import LLMCore
-from worker.stages.messages import Abort, Audio, Failed, Message, Start
+from worker.stages.messages import Abort, Audio, Credit, Failed, Message, Start
 
 RECENT = 1000  # finished requests kept in EngineStats.recent
 
@@ -100,7 +100,8 @@ class Engine:
         k = self.knobs
         self.models = models
         self.sample_rate = models.config.sample_rate
-        self.llm = LLMCore(models.llm, max_batch or k.max_batch, max_seq or k.max_seq)
+        self.llm = LLMCore(models.llm, max_batch or k.max_batch, max_seq or k.max_seq,
+                           k.hop_tokens, models.config.flow.pre_lookahead_len)  # fmt: skip
         self.flow = FlowCore(models.flow, k.hop_tokens, k.flow_steps, k.prompt_kv_mb)
         self.hift = HiFTCore(models.hift)
         self.tracks: dict[str, _Track] = {}
@@ -189,6 +190,8 @@ class Engine:
         if isinstance(m, Audio):
             tr.samples += m.audio.numel()
             tr.tokens += m.tokens
+            if not m.final:
+                self.llm.handle(Credit(m.rid, tr.tokens))
             if tr.t_first is None and m.audio.numel():
                 tr.t_first = now
             stats = None

@@ -46,7 +46,7 @@ from worker import protocol as proto
 from worker.ordering import SegmentOrder
 from worker.request import RequestError, force_tokens
 from worker.settings import KnobError, Knobs, configure_logging
-from worker.stages.messages import Abort, Audio, Failed, Start, receive_all, send
+from worker.stages.messages import Abort, Audio, Credit, Failed, Start, receive_all, send
 from worker.stages.process import STAGES, endpoint, rss_mb
 
 log = logging.getLogger("worker.server")
@@ -98,6 +98,7 @@ class Utterance:
     order: SegmentOrder | None = None
     running: bool = False
     sent: int = 0  # segments handed to the stages
+    covered: dict[str, int] = field(default_factory=dict)  # rid -> tokens covered by audio
     seq: int = 0
     collected: list[np.ndarray] = field(default_factory=list)  # stream: false
     samples: int = 0
@@ -457,6 +458,9 @@ class Server:
     def _on_audio(self, u: Utterance, msg: Audio) -> None:
         if msg.final:
             self._send_next_segment(u)
+        else:  # flow control: the LLM may decode this segment a bounded distance further
+            u.covered[msg.rid] = u.covered.get(msg.rid, 0) + msg.tokens
+            self._to_llm(Credit(msg.rid, u.covered[msg.rid]))
         for chunk in u.order.push(msg.rid, msg, msg.final):
             if chunk.final:
                 self.by_rid.pop(chunk.rid, None)

@@ -4,9 +4,10 @@ One stream per request: :class:`worker.flow_stream.FlowStream` (``incremental``:
 K/V caches, every chunk costs the same; a new voice's prompt-only blocks run as soon as the
 request starts, while the LLM is still decoding its first hop) or
 :class:`worker.reference.RecomputeFlow` (``recompute``: upstream's strategy). Each
-:meth:`FlowCore.step` runs at most one chunk per request, for every request that has one
-ready (a full hop plus lookahead, or the rest once its tokens are final), so no request
-waits for another's whole utterance. The per-voice state of prompt-only DiT blocks is
+:meth:`FlowCore.step` runs one chunk (a full hop plus lookahead, or the rest once the tokens
+are final) of the request whose listener runs out of audio first (earliest deadline), so a
+new request's first chunk comes before others' later chunks and no request waits for
+another's whole utterance. The per-voice state of prompt-only DiT blocks is
 shared across requests (:class:`PromptKVStore`).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,12 +26,18 @@ from worker.request import STRATEGIES
 from worker.stages.messages import Abort, Failed, Mel, Message, Start, Tokens
 
 log = logging.getLogger(__name__)
+MEL_FRAMES_PER_S = 50  # 25 speech tokens/s x token_mel_ratio 2
 
 
 @dataclass
 class _FlowRequest:
     stream: FlowStream | RecomputeFlow
     final: bool = False  # every token has arrived
+    t_start: float = field(default_factory=time.monotonic)
+    frames_out: int = 0  # mel frames emitted
+
+    def has_work(self) -> bool:
+        return self.final or self.stream.ready() or self.stream.prefix_pending()
 
 
 class FlowCore:
@@ -91,40 +98,45 @@ class FlowCore:
         return [Failed(msg.rid, "internal", f"flow stage got a {type(msg).__name__} message")]
 
     def has_work(self) -> bool:
-        return any(r.stream.ready() or r.final or r.stream.prefix_pending()
-                   for r in self.reqs.values())  # fmt: skip
+        return any(r.has_work() for r in self.reqs.values())
+
+    def _deadline(self, r: _FlowRequest) -> float:
+        """When this request's listener runs out of audio (at real time, from its start):
+        the request with the earliest deadline gets the next chunk (a new request's first
+        chunk, with no audio at all yet, comes before others' later chunks)."""
+        return r.t_start + r.frames_out / MEL_FRAMES_PER_S
 
     def active_ids(self) -> list[str]:
         return list(self.reqs)
 
     @torch.inference_mode()
     def step(self) -> list[Message]:
-        """One chunk for every request that has one ready. -> Mel / Failed."""
-        out: list[Message] = []
-        for rid, r in list(self.reqs.items()):
-            if not (r.final or r.stream.ready() or r.stream.prefix_pending()):
-                continue
-            t0 = time.perf_counter()
-            try:
-                if not (r.final or r.stream.ready()):  # the prompt-only blocks, ahead of time
-                    r.stream.run_prefix()
-                    self.busy_s += time.perf_counter() - t0
-                    continue
-                chunk = r.stream.next_chunk(finalize=r.final)
-            except Exception as e:  # noqa: BLE001
-                log.exception("flow: chunk of %s failed", rid)
-                del self.reqs[rid]
-                out.append(Failed(rid, "internal", f"flow failed: {e}"))
-                continue
-            self.busy_s += time.perf_counter() - t0
-            if chunk is None:
-                continue
-            self.chunks += 1
-            mel, covered = chunk
-            if r.stream.finished:
-                del self.reqs[rid]
-            out.append(Mel(rid, mel.contiguous(), covered, r.stream.finished))
-        return out
+        """One chunk (or a new voice's prompt-only blocks) of the request with the earliest
+        deadline among those that have one ready. -> [] / [Mel] / [Failed]."""
+        ready = [(rid, r) for rid, r in self.reqs.items() if r.has_work()]
+        if not ready:
+            return []
+        rid, r = min(ready, key=lambda x: self._deadline(x[1]))  # ties: arrival order
+        t0 = time.perf_counter()
+        try:
+            if not (r.final or r.stream.ready()):  # the prompt-only blocks, ahead of time
+                r.stream.run_prefix()
+                self.busy_s += time.perf_counter() - t0
+                return []
+            chunk = r.stream.next_chunk(finalize=r.final)
+        except Exception as e:  # noqa: BLE001 - one request's failure stays its own
+            log.exception("flow: chunk of %s failed", rid)
+            del self.reqs[rid]
+            return [Failed(rid, "internal", f"flow failed: {e}")]
+        self.busy_s += time.perf_counter() - t0
+        if chunk is None:
+            return []
+        self.chunks += 1
+        mel, covered = chunk
+        r.frames_out += mel.shape[2]
+        if r.stream.finished:
+            del self.reqs[rid]
+        return [Mel(rid, mel.contiguous(), covered, r.stream.finished)]
 
     @torch.inference_mode()
     def warm_up(self) -> None:

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from worker.flow_stream import first_hop
 from worker.llm import CosyVoice3LM
 from worker.request import TTSRequest
 from worker.sampling import SilenceFilter, sampling_ids
-from worker.stages.messages import Abort, Failed, Message, Start, Tokens
+from worker.stages.messages import Abort, Credit, Failed, Message, Start, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,12 @@ class LLMBatcher:
             slots = None  # rows 0..B-1: attend over cache views, no gather
         return self.llm.logp(self.llm(emb, pos, slots, cache=self.cache)[:, -1])  # (B, V)
 
-    def step(self) -> tuple[dict[str, list[int]], dict[str, Exception]]:
-        """One batched decode step for every unfinished sequence.
+    def step(
+        self, rids: list[str] | None = None
+    ) -> tuple[dict[str, list[int]], dict[str, Exception]]:
+        """One batched decode step for every unfinished sequence (of ``rids``, if given).
         -> (rid -> new tokens, rid -> the error that failed that sequence alone)."""
-        seqs = [s for s in self.seqs.values() if not s.done]
+        seqs = [s for s in self.seqs.values() if not s.done and (rids is None or s.rid in rids)]
         new: dict[str, list[int]] = {}
         failed: dict[str, Exception] = {}
         if not seqs:
@@ -189,7 +192,13 @@ def decode_tokens(
 
 @dataclass
 class _Active:
+    ahead: int | None  # most tokens decoded beyond what audio covers (None: no limit)
     filt: SilenceFilter = field(default_factory=SilenceFilter)
+    sent: int = 0  # tokens passed on (after the silence filter)
+    covered: int = 0  # tokens covered by audio that came out (Credit)
+
+    def may_decode(self) -> bool:
+        return self.ahead is None or self.sent - self.covered < self.ahead
 
 
 class LLMCore:
@@ -197,8 +206,10 @@ class LLMCore:
 
     name = "llm"
 
-    def __init__(self, llm: CosyVoice3LM, max_batch: int, max_seq: int):
+    def __init__(self, llm: CosyVoice3LM, max_batch: int, max_seq: int, hop_tokens: int = 25,
+                 lookahead: int = 3):  # fmt: skip
         self.batcher = LLMBatcher(llm, max_batch, max_seq)
+        self.hop_tokens, self.lookahead = hop_tokens, lookahead
         self.llm = llm
         self.pending: deque[Start] = deque()
         self.active: dict[str, _Active] = {}
@@ -216,20 +227,37 @@ class LLMCore:
         if isinstance(msg, Start):
             self.pending.append(msg)
             return []
+        if isinstance(msg, Credit):
+            a = self.active.get(msg.rid)
+            if a is not None:
+                a.covered = max(a.covered, msg.tokens)
+            return []
         if isinstance(msg, (Abort, Failed)):
             self.pending = deque(m for m in self.pending if m.rid != msg.rid)
             self.drop(msg.rid)
             return [msg]
         return [Failed(msg.rid, "internal", f"llm stage got a {type(msg).__name__} message")]
 
+    def _ahead(self, req: TTSRequest) -> int | None:
+        """Tokens a request may be decoded beyond its audio: the chunk the flow is computing
+        and the next one (the first one padded to the prompt's block edge, as the flow does).
+        Recompute requests (upstream's doubling hops) are not limited."""
+        if req.strategy != "incremental":
+            return None
+        P = 0 if req.flow_prompt_speech is None else req.flow_prompt_speech.shape[1]
+        hop = req.hop_tokens or self.hop_tokens
+        return first_hop(P, hop) + hop + self.lookahead
+
     def drop(self, rid: str) -> None:
         self.active.pop(rid, None)
         self.batcher.release(rid)
 
+    def _decodable(self) -> list[str]:
+        return [rid for rid, s in self.batcher.seqs.items()
+                if not s.done and rid in self.active and self.active[rid].may_decode()]  # fmt: skip
+
     def has_work(self) -> bool:
-        return bool(self.pending and self.batcher.can_admit()) or any(
-            not s.done for s in self.batcher.seqs.values()
-        )
+        return bool(self.pending and self.batcher.can_admit()) or bool(self._decodable())
 
     def active_ids(self) -> list[str]:
         return [m.rid for m in self.pending] + list(self.active)
@@ -254,13 +282,14 @@ class LLMCore:
         except Exception as e:  # noqa: BLE001 - one request's failure stays its own
             log.exception("llm: prefill of %s failed", rid)
             return [Failed(rid, "internal", f"llm prefill failed: {e}")]
-        self.active[rid] = _Active()
+        self.active[rid] = _Active(self._ahead(req))
         return [msg, *self._tokens(rid, first)]
 
     def _tokens(self, rid: str, new: list[int]) -> list[Message]:
         seq = self.batcher.seqs[rid]
-        filt = self.active[rid].filt
-        kept = [t for t in new if filt.keep(t)]
+        a = self.active[rid]
+        kept = [t for t in new if a.filt.keep(t)]
+        a.sent += len(kept)
         if seq.done:
             self.drop(rid)
         if not kept and not seq.done:
@@ -273,7 +302,7 @@ class LLMCore:
         out: list[Message] = []
         while self.pending and self.batcher.can_admit():
             out += self._admit(self.pending.popleft())
-        new, failed = self.batcher.step()
+        new, failed = self.batcher.step(self._decodable())
         for rid, e in failed.items():
             log.error("llm: decoding %s failed: %r", rid, e)
             self.drop(rid)

@@ -5,6 +5,7 @@ A request moves through the pipeline as messages carrying its id (``rid``)::
     server ──Start──▶ LLM ──Start, Tokens…──▶ Flow ──Start, Mel…──▶ HiFT ──Audio…──▶ server
     Abort (cancel, timeout) and Failed (a stage could not do a request's work) travel the
     same path, in order: every stage frees that request's state and passes the message on.
+    Credit (tokens covered by audio so far) goes from the driver back to the LLM.
 
 Messages hold tensors and scalars only. On a socket a message is a multipart ZeroMQ message:
 frame 0 is a small msgpack header (kind, rid, scalar fields, and dtype + shape of each
@@ -72,6 +73,16 @@ class Audio:
 
 
 @dataclass
+class Credit:
+    """Flow control, back to the LLM: ``tokens`` of a request's speech tokens are covered by
+    audio that came out. The LLM decodes a request only a bounded number of tokens ahead of
+    that, so on shared cores it does not compete with the chunk the listener waits for."""
+
+    rid: str
+    tokens: int
+
+
+@dataclass
 class Abort:
     """Stop a request (``code``: cancelled, timeout, internal): stages free its state."""
 
@@ -89,10 +100,10 @@ class Failed:
     message: str
 
 
-Message = Union[Start, Tokens, Mel, Audio, Abort, Failed]  # noqa: UP007 (used at runtime)
+Message = Union[Start, Tokens, Mel, Audio, Credit, Abort, Failed]  # noqa: UP007 (runtime use)
 KINDS: dict[str, type] = {
-    "start": Start, "tokens": Tokens, "mel": Mel, "audio": Audio, "abort": Abort,
-    "failed": Failed,
+    "start": Start, "tokens": Tokens, "mel": Mel, "audio": Audio, "credit": Credit,
+    "abort": Abort, "failed": Failed,
 }  # fmt: skip
 _KIND_OF = {cls: kind for kind, cls in KINDS.items()}
 _REQ_FIELDS = {f.name: f for f in dataclasses.fields(TTSRequest)}

@@ -68,7 +68,8 @@ def build_core(stage: str, model_dir: str | Path, knobs: Knobs):
     if stage == "llm":
         from worker.stages.llm import LLMCore
 
-        return LLMCore(models.llm, knobs.max_batch, knobs.max_seq)
+        return LLMCore(models.llm, knobs.max_batch, knobs.max_seq, knobs.hop_tokens,
+                       models.config.flow.pre_lookahead_len)  # fmt: skip
     if stage == "flow":
         from worker.stages.flow import FlowCore
 
