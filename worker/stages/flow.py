@@ -5,9 +5,8 @@ K/V caches, every chunk costs the same; a new voice's prompt-only blocks run as 
 request starts, while the LLM is still decoding its first hop) or
 :class:`worker.reference.RecomputeFlow` (``recompute``: upstream's strategy). Each
 :meth:`FlowCore.step` runs one chunk (a full hop plus lookahead, or the rest once the tokens
-are final) of the request whose listener runs out of audio first (earliest deadline), so a
-new request's first chunk comes before others' later chunks and no request waits for
-another's whole utterance. The per-voice state of prompt-only DiT blocks is
+are final): a new request's first chunk before others' later chunks, the rest round robin,
+so no request waits for another's whole utterance. The per-voice state of prompt-only DiT blocks is
 shared across requests (:class:`PromptKVStore`).
 """
 
@@ -26,7 +25,6 @@ from worker.request import STRATEGIES
 from worker.stages.messages import Abort, Failed, Mel, Message, Start, Tokens
 
 log = logging.getLogger(__name__)
-MEL_FRAMES_PER_S = 50  # 25 speech tokens/s x token_mel_ratio 2
 
 
 @dataclass
@@ -35,6 +33,7 @@ class _FlowRequest:
     final: bool = False  # every token has arrived
     t_start: float = field(default_factory=time.monotonic)
     frames_out: int = 0  # mel frames emitted
+    last_run: float = 0.0  # monotonic time of its last chunk
 
     def has_work(self) -> bool:
         return self.final or self.stream.ready() or self.stream.prefix_pending()
@@ -100,23 +99,26 @@ class FlowCore:
     def has_work(self) -> bool:
         return any(r.has_work() for r in self.reqs.values())
 
-    def _deadline(self, r: _FlowRequest) -> float:
-        """When this request's listener runs out of audio (at real time, from its start):
-        the request with the earliest deadline gets the next chunk (a new request's first
-        chunk, with no audio at all yet, comes before others' later chunks)."""
-        return r.t_start + r.frames_out / MEL_FRAMES_PER_S
+    @staticmethod
+    def _priority(r: _FlowRequest) -> tuple[int, float]:
+        """Requests without audio yet first, in arrival order (a listener waiting for its
+        first chunk); then the one served least recently (round robin). Deadlines in audio
+        time would starve late arrivals whenever the host is slower than real time."""
+        if r.frames_out == 0:
+            return (0, r.t_start)
+        return (1, r.last_run)
 
     def active_ids(self) -> list[str]:
         return list(self.reqs)
 
     @torch.inference_mode()
     def step(self) -> list[Message]:
-        """One chunk (or a new voice's prompt-only blocks) of the request with the earliest
-        deadline among those that have one ready. -> [] / [Mel] / [Failed]."""
+        """One chunk (or a new voice's prompt-only blocks) of the most urgent request among
+        those that have one ready (:meth:`_priority`). -> [] / [Mel] / [Failed]."""
         ready = [(rid, r) for rid, r in self.reqs.items() if r.has_work()]
         if not ready:
             return []
-        rid, r = min(ready, key=lambda x: self._deadline(x[1]))  # ties: arrival order
+        rid, r = min(ready, key=lambda x: self._priority(x[1]))
         t0 = time.perf_counter()
         try:
             if not (r.final or r.stream.ready()):  # the prompt-only blocks, ahead of time
@@ -134,6 +136,7 @@ class FlowCore:
         self.chunks += 1
         mel, covered = chunk
         r.frames_out += mel.shape[2]
+        r.last_run = time.monotonic()
         if r.stream.finished:
             del self.reqs[rid]
         return [Mel(rid, mel.contiguous(), covered, r.stream.finished)]
