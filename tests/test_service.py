@@ -36,15 +36,19 @@ def prompt():
     return PROMPT.with_suffix(".wav").read_bytes(), SYSTEM + PROMPT.with_suffix(".txt").read_text()
 
 
-@pytest.fixture(scope="module")
-def service(model_dir, tmp_path_factory):
-    svc = Service(model_dir, tmp_path_factory.mktemp("run"))
+def _running(svc: Service):
+    """Yield ``svc`` once it is up; stop it and check every process it started is gone."""
     try:
         svc.wait_up()
         yield svc
     finally:
         svc.stop()
         assert not any(pid_alive(p) for p in svc.stage_pids)
+
+
+@pytest.fixture(scope="module")
+def service(model_dir, tmp_path_factory):
+    yield from _running(Service(model_dir, tmp_path_factory.mktemp("run")))
 
 
 def _tts(client, prompt, text="Hello there. How are you today?", **kw):
@@ -193,14 +197,8 @@ def test_fuzzed_messages_get_bad_request_and_the_worker_keeps_serving(service, p
 
 @pytest.fixture(scope="module")
 def slow(model_dir, tmp_path_factory):
-    svc = Service(model_dir, tmp_path_factory.mktemp("slow"), flow_steps=100, max_active=1,
-                  max_queue=0, shutdown_grace_s=1)  # fmt: skip
-    try:
-        svc.wait_up()
-        yield svc
-    finally:
-        svc.stop()
-        assert not any(pid_alive(p) for p in svc.stage_pids)
+    yield from _running(Service(model_dir, tmp_path_factory.mktemp("slow"), flow_steps=100,
+                                max_active=1, max_queue=0, shutdown_grace_s=1))  # fmt: skip
 
 
 def test_overload_is_refused_at_once(slow, prompt):
