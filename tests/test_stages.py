@@ -104,6 +104,38 @@ def test_llm_decodes_only_a_bounded_distance_ahead_of_the_audio(models, golden):
     assert sum(m.tokens.numel() for m in out) + sent == 150 and out[-1].final
 
 
+def test_llm_decodes_ahead_only_in_full_batches(models, golden):
+    """Two requests: once neither is urgent (the flow has the tokens of its chunk in progress)
+    and only one has credit left, the LLM waits; when both have credit it decodes them in one
+    batch; an urgent request is decoded at once."""
+    core = LLMCore(models.llm, 2, 1024, hop_tokens=25, lookahead=3)
+    core.handle(Start("a", _req(golden["flow"], 150, "a")))
+    core.handle(Start("b", _req(golden["flow"], 150, "b")))
+    sent = {"a": 0, "b": 0}
+
+    def run() -> int:
+        steps = 0
+        while core.has_work():
+            steps += 1
+            for m in core.step():
+                if isinstance(m, Tokens):
+                    sent[m.rid] += m.tokens.numel()
+        return steps
+
+    run()
+    assert sent == {"a": 66, "b": 66}  # both to their limit, decoded together
+    core.handle(Credit("a", 38))  # a has room, but its next chunk's tokens are there already
+    assert sent["a"] >= 38 + 25 + 3 and not core.has_work()
+    steps0 = core.batcher.decode_steps
+    core.handle(Credit("b", 38))  # now both have room: one batch each step
+    run()
+    assert sent == {"a": 104, "b": 104} and core.batcher.decode_steps - steps0 == 38
+    core.handle(Credit("a", 104))  # a's chunk in progress lacks tokens: urgent, decoded alone
+    assert core.has_work()
+    run()
+    assert sent["a"] > 104 and sent["b"] == 104
+
+
 def test_flow_serves_first_chunks_first_then_round_robin(models, golden):
     """Request a has streamed a chunk; b arrives later with none: b's first chunk runs before
     a's second, although a's is ready too; then they take turns."""

@@ -193,12 +193,21 @@ def decode_tokens(
 @dataclass
 class _Active:
     ahead: int | None  # most tokens decoded beyond what audio covers (None: no limit)
+    first_need: int = 0  # tokens the first chunk needs (first hop + lookahead)
+    next_need: int = 0  # tokens a later chunk needs beyond the audio (hop + lookahead)
     filt: SilenceFilter = field(default_factory=SilenceFilter)
     sent: int = 0  # tokens passed on (after the silence filter)
     covered: int = 0  # tokens covered by audio that came out (Credit)
 
     def may_decode(self) -> bool:
         return self.ahead is None or self.sent - self.covered < self.ahead
+
+    def urgent(self) -> bool:
+        """The flow's chunk in progress still lacks tokens of this request."""
+        if self.ahead is None:
+            return True
+        need = self.first_need if self.covered == 0 else self.next_need
+        return self.sent < self.covered + need
 
 
 class LLMCore:
@@ -244,17 +253,26 @@ class LLMCore:
         Recompute requests (upstream's doubling hops) are not limited."""
         if req.strategy != "incremental":
             return None
+        return self._first_need(req) + (req.hop_tokens or self.hop_tokens)
+
+    def _first_need(self, req: TTSRequest) -> int:
         P = 0 if req.flow_prompt_speech is None else req.flow_prompt_speech.shape[1]
-        hop = req.hop_tokens or self.hop_tokens
-        return first_hop(P, hop) + hop + self.lookahead
+        return first_hop(P, req.hop_tokens or self.hop_tokens) + self.lookahead
 
     def drop(self, rid: str) -> None:
         self.active.pop(rid, None)
         self.batcher.release(rid)
 
     def _decodable(self) -> list[str]:
-        return [rid for rid, s in self.batcher.seqs.items()
-                if not s.done and rid in self.active and self.active[rid].may_decode()]  # fmt: skip
+        """Sequences to decode this step: every one with credit, but only when one of them
+        is urgent (the flow waits for its tokens) or all of them have credit. Decoding ahead
+        then happens in full batches, not one sequence at a time against the flow's cores."""
+        act = self.active
+        ready = [rid for rid, s in self.batcher.seqs.items()
+                 if not s.done and rid in act and act[rid].may_decode()]  # fmt: skip
+        if len(ready) == len(act) or any(act[r].urgent() for r in ready):
+            return ready
+        return []
 
     def has_work(self) -> bool:
         return bool(self.pending and self.batcher.can_admit()) or bool(self._decodable())
@@ -282,7 +300,8 @@ class LLMCore:
         except Exception as e:  # noqa: BLE001 - one request's failure stays its own
             log.exception("llm: prefill of %s failed", rid)
             return [Failed(rid, "internal", f"llm prefill failed: {e}")]
-        self.active[rid] = _Active(self._ahead(req))
+        hop = req.hop_tokens or self.hop_tokens
+        self.active[rid] = _Active(self._ahead(req), self._first_need(req), hop + self.lookahead)
         return [msg, *self._tokens(rid, first)]
 
     def _tokens(self, rid: str, new: list[int]) -> list[Message]:
