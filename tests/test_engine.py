@@ -181,8 +181,9 @@ def test_cancel_frees_every_stage(models, flow_in):
 
 
 def test_a_failing_request_fails_alone(models, flow_in, monkeypatch):
-    """An exception in one request's flow work ends that request with an internal error;
-    the other request in the same step finishes with the same audio as alone."""
+    """An exception in one request's flow work (half way through the Euler steps of a
+    batched DiT call) ends that request with an internal error; the other request in the same
+    batch is retried alone and finishes with the same audio as alone."""
     alone = _collect(_engine(models), [_req(flow_in, "ok", n=60)])["ok"]
     eng = _engine(models)
     original = eng.flow._open
@@ -190,9 +191,9 @@ def test_a_failing_request_fails_alone(models, flow_in, monkeypatch):
     def open_(msg):
         r = original(msg)
         if msg.rid == "bad":
-            def boom(finalize=False):
+            def boom(*args, **kwargs):
                 raise RuntimeError("kaboom")
-            r.stream.next_chunk = boom
+            r.stream.caches[3].segment = boom  # steps 0-2 of the batch have run by then
         return r
 
     monkeypatch.setattr(eng.flow, "_open", open_)

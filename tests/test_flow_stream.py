@@ -139,14 +139,15 @@ def test_non_final_chunks_match_upstream_token2wav_and_the_final_one_differs(str
 @pytest.mark.parametrize("hop", [25, 50])
 def test_each_chunk_computes_only_its_new_frames(flow, requests, monkeypatch, hop):
     est = flow.decoder.estimator
-    real = est.forward_chunk
-    calls = []  # (new frames, cached frames, start) per DiT call
+    real = est.forward_segments
+    calls = []  # per DiT call: [(new frames, start, K/V frames already cached), ...]
 
-    def counting(x, mu, cond, spks, t, start, k_cache, v_cache, conv_ctx):
-        calls.append((x.shape[2], k_cache.shape[3], int(start)))
-        return real(x, mu, cond, spks, t, start, k_cache, v_cache, conv_ctx)
+    def counting(x, mu, cond, t, segs, kv_out=None):
+        calls.append([(s.frames, s.start, s.k.shape[3] >= s.start) for s in segs])
+        assert x.shape[2] == sum(s.frames for s in segs)
+        return real(x, mu, cond, t, segs, kv_out)
 
-    monkeypatch.setattr(est, "forward_chunk", counting)
+    monkeypatch.setattr(est, "forward_segments", counting)
     token, prompt_token, prompt_feat, embedding = requests[37]
     P, N = prompt_token.shape[1], token.shape[1]
     stream = FlowStream(flow, prompt_token, prompt_feat, embedding, hop_tokens=hop)
@@ -156,17 +157,37 @@ def test_each_chunk_computes_only_its_new_frames(flow, requests, monkeypatch, ho
     assert len(calls) % steps == 0
     chunks = [calls[i : i + steps] for i in range(0, len(calls), steps)]
     first = math.ceil(P / BLOCK_TOKENS) * BLOCK_TOKENS + hop  # tokens, prompt included
-    # the prompt-only blocks (ending >= 3 tokens before the prompt's end) run on their own
+    # the prompt-only blocks (ending >= 3 tokens before the prompt's end) are a segment of
+    # their own in the first chunk's call (their K/V is stored per voice afterwards)
     prefix = (P - 3) // BLOCK_TOKENS * BLOCK_TOKENS
-    expect = [2 * prefix] if prefix else []
-    expect += [2 * (first - prefix)] + [2 * hop] * ((P + N - 3 - first) // hop)
-    expect.append(2 * (P + N) - sum(expect))  # final: everything left
-    assert [c[0][0] for c in chunks] == expect
+    expect = [[2 * prefix, 2 * (first - prefix)] if prefix else [2 * first]]
+    expect += [[2 * hop]] * ((P + N - 3 - first) // hop)
+    expect.append([2 * (P + N) - sum(map(sum, expect))])  # final: everything left
+    assert [[seg[0] for seg in c[0]] for c in chunks] == expect
     done = 0
     for chunk in chunks:  # every step of a chunk: the same new frames on top of all before
-        assert all(call == (chunk[0][0], done, done) for call in chunk), chunk
-        done += chunk[0][0]
+        segs, o = [], done
+        for frames, *_ in chunk[0]:
+            segs.append((frames, o, True))
+            o += frames
+        assert all(call == segs for call in chunk), chunk
+        done = o
     assert done == 2 * (P + N)
+
+
+def test_step_cache_reserves_the_utterance_and_never_moves(flow, requests):
+    """The K/V buffers are reserved for the longest utterance at the start (address space,
+    not memory): no chunk of a stream reallocates or copies the past."""
+    token, *prompt = requests[37]
+    stream = FlowStream(flow, *prompt, hop_tokens=25)
+    ptrs = [(c.k.data_ptr(), c.v.data_ptr()) for c in stream.caches]
+    caches = list(stream.caches)
+    for i in range(0, 180, 10):
+        stream.push(token[:, i : i + 10])
+        assert [(c.k.data_ptr(), c.v.data_ptr()) for c in stream.caches] == ptrs
+    known = 37 + 180  # first chunk ends at token 75 (prompt 37 + pad 13 + hop), then +25 each
+    assert caches[0].length == 2 * (75 + (known - 3 - 75) // 25 * 25)  # 3: lookahead
+    assert all(c.reallocations == 0 for c in caches)
 
 
 def test_step_cache_appends_in_place_and_grows_geometrically():

@@ -235,7 +235,7 @@ def test_other_owned_cosy_variables_are_not_typos(monkeypatch):
 
 
 def test_known_vars_cover_every_field():
-    assert len(KNOWN_VARS) == 31
+    assert len(KNOWN_VARS) == 32
     assert "COSY_PROMPT_KV_MB" in KNOWN_VARS
     assert "COSY_FRONTEND_CPUS" in KNOWN_VARS and "COSY_FROM_ENVIRONMENT" not in KNOWN_VARS
 
@@ -322,6 +322,13 @@ def test_to_env_rebuilds_the_same_knobs():
     assert dataclasses.replace(again, from_environment=()) == dataclasses.replace(
         k, from_environment=())
     assert all(v.startswith("COSY_") for v in k.to_env())
+
+
+def test_flow_batch():
+    assert Knobs.from_env({}).flow_batch == 4
+    assert Knobs.from_env({"COSY_FLOW_BATCH": "1"}).flow_batch == 1
+    with pytest.raises(KnobError, match="COSY_FLOW_BATCH"):
+        Knobs.from_env({"COSY_FLOW_BATCH": "0"})
 
 
 def test_prompt_kv_mb():

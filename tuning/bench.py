@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(models, max_batch=8, max_seq=BENCH_MAX_SEQ, knobs=knobs)
         engine.warm_up()
     elif {"flow", "hift"} <= stages:
-        cores = (FlowCore(models.flow, knobs.hop_tokens, knobs.flow_steps, knobs.prompt_kv_mb),
+        cores = (FlowCore(models.flow, knobs.hop_tokens, knobs.flow_steps, knobs.prompt_kv_mb,
+                          knobs.flow_batch),
                  HiFTCore(models.hift))  # fmt: skip
         for core in cores:
             core.warm_up()

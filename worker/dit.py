@@ -22,11 +22,19 @@ never changes, so a chunk of new frames (whole blocks, or the final partial one)
 from the new frames alone plus, per layer, the roped K and the V of every earlier frame and
 the last ``kernel - 1`` inputs of each causal position conv. Cache in, new cache pieces out,
 all plain tensors (no module state), so the step exports to ONNX as it is.
+
+``DiT.forward_segments`` is the same step for several streams at once (and the form streams
+run): the new frames of every :class:`Segment` are packed along time, so every Linear sees
+``sum(frames)`` rows per CFG row (one GEMM for k requests' chunks, not k); only the position
+convs and attention run per segment, each over its own cache. A segment whose cache buffer has
+room writes its new K/V into it and attends over views (no copy of the past); a block-aligned
+chunk of one block attends without a mask (all keys visible), so SDPA takes its fast path.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +72,46 @@ def chunk_attention_mask(
     new = pos.unsqueeze(0) < block_end.unsqueeze(1)  # (n_new, n_new)
     past = torch.ones(n_new, n_past, dtype=torch.bool)
     return torch.cat((past, new), dim=1)
+
+
+@dataclass
+class Segment:
+    """One stream's new frames in a packed :meth:`DiT.forward_segments` call: absolute frames
+    ``start .. start + frames - 1`` of its utterance.
+
+    ``k`` / ``v`` (depth, 2, H, cap, Dh) hold the roped K and the V of its ``start`` earlier
+    frames. With ``in_place`` (cap >= start + frames) the new K/V are written into them at
+    ``start`` and attention reads views; otherwise (cap == start, the functional form that
+    exports) the new K/V are concatenated. ``conv_ctx`` (2, 2, D, k-1) is the position convs'
+    context before the segment, or None to continue from the previous segment of the same
+    call (one stream's frames split in two, e.g. a voice's prompt-only blocks and its first
+    hop). After the call ``conv_ctx_out`` holds the context after the segment."""
+
+    start: int
+    frames: int
+    spks: torch.Tensor  # (2, spk)
+    k: torch.Tensor
+    v: torch.Tensor
+    conv_ctx: torch.Tensor | None
+    in_place: bool = True
+    conv_ctx_out: torch.Tensor | None = None
+
+    def mask(self, block: int) -> torch.Tensor | None:
+        """(frames, start + frames) bool, or None when every key is visible: the segment is
+        at most one block and starts on a block boundary (past frames are all visible)."""
+        if isinstance(self.start, int) and self.start % block == 0 and self.frames <= block:
+            return None
+        n_past = self.start if self.in_place else self.k.shape[3]  # an int when exporting too
+        return chunk_attention_mask(self.start, self.frames, n_past, block)
+
+
+def kv_extend(cache: torch.Tensor, new: torch.Tensor, start: int, in_place: bool) -> torch.Tensor:
+    """cache (B, H, cap, Dh) holding ``start`` frames, new (B, H, Tn, Dh) -> (B, H, start+Tn,
+    Dh): written into the cache (a view: the past is not copied), or concatenated."""
+    if not in_place:
+        return torch.cat((cache, new), dim=2)
+    cache[:, :, start : start + new.shape[2]] = new
+    return cache[:, :, : start + new.shape[2]]
 
 
 def attention_mask(mask: torch.Tensor, block: int) -> torch.Tensor | None:
@@ -150,20 +198,21 @@ class InputEmbedding(nn.Module):
         h = self.proj(torch.cat((x, cond, mu, spks), dim=-1))
         return self.conv_pos_embed(h) + h
 
-    def forward_chunk(
-        self,
-        x: torch.Tensor,
-        cond: torch.Tensor,
-        mu: torch.Tensor,
-        spks: torch.Tensor,
-        ctx: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # x, cond: (B, Tn, mel); mu: (B, Tn, mu); spks: (B, spk); ctx (2, B, D, k-1)
-        # -> (B, Tn, D), next ctx
-        spks = spks.unsqueeze(1).expand(-1, x.shape[1], -1)  # (B, Tn, spk)
-        h = self.proj(torch.cat((x, cond, mu, spks), dim=-1))
-        pos, ctx = self.conv_pos_embed.forward_chunk(h, ctx)
-        return pos + h, ctx
+    def forward_segments(
+        self, x: torch.Tensor, cond: torch.Tensor, mu: torch.Tensor, segs: list[Segment]
+    ) -> torch.Tensor:
+        """x, cond (B, sum Tn, mel); mu (B, sum Tn, mu): the segments' frames packed along time
+        -> (B, sum Tn, D). Sets each segment's ``conv_ctx_out``."""
+        spks = torch.cat([s.spks.unsqueeze(1).expand(-1, s.frames, -1) for s in segs], dim=1)
+        h = self.proj(torch.cat((x, cond, mu, spks), dim=-1))  # (B, sum Tn, D)
+        out, o, ctx = [], 0, None
+        for s in segs:
+            ctx = s.conv_ctx if s.conv_ctx is not None else ctx
+            pos, ctx = self.conv_pos_embed.forward_chunk(h[:, o : o + s.frames], ctx)
+            s.conv_ctx_out = ctx
+            out.append(pos)
+            o += s.frames
+        return (out[0] if len(out) == 1 else torch.cat(out, dim=1)) + h
 
 
 class RotaryEmbedding(nn.Module):
@@ -230,25 +279,33 @@ class Attention(nn.Module):
         # upstream zeroes rows by the last query's mask row (a no-op for unpadded input)
         return out.masked_fill(~mask[:, 0, -1].unsqueeze(-1), 0.0)
 
-    def forward_chunk(
+    def forward_segments(
         self,
         x: torch.Tensor,
         angles: torch.Tensor,
-        mask: torch.Tensor,
-        k_past: torch.Tensor,
-        v_past: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, Tn, D) new frames, angles (Tn, dim_head), mask (Tn, Tp+Tn) bool,
-        k_past/v_past (B, H, Tp, Dh) roped K / V of earlier frames
-        -> out (B, Tn, D), k/v of the new frames (B, H, Tn, Dh)."""
-        B, Tn, _ = x.shape
-        q, k, v = self.project(x, angles)  # (B, Tn, H*Dh)
-        q, k, v = (a.view(B, Tn, self.heads, -1).transpose(1, 2) for a in (q, k, v))
-        k_all = torch.cat((k_past, k), dim=2)  # (B, H, Tp+Tn, Dh)
-        v_all = torch.cat((v_past, v), dim=2)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)  # (B, H, Tn, Dh)
-        out = out.transpose(1, 2).reshape(B, Tn, -1)  # (B, Tn, H*Dh)
-        return self.to_out[0](out), k, v
+        segs: list[Segment],
+        layer: int,
+        block: int,
+        kv_out: list | None = None,
+    ) -> torch.Tensor:
+        """x (B, sum Tn, D) the segments' new frames packed along time, angles (sum Tn,
+        dim_head) -> (B, sum Tn, D). Each segment attends over its own layer-``layer`` cache
+        extended by its new K/V (appended to ``kv_out`` as (B, H, sum Tn, Dh) when given)."""
+        B, T, _ = x.shape
+        q, k, v = (a.view(B, T, self.heads, -1).transpose(1, 2) for a in self.project(x, angles))
+        if kv_out is not None:  # (B, H, sum Tn, Dh)
+            kv_out.append((k, v))
+        outs, o = [], 0
+        for s in segs:
+            n = s.frames
+            k_all = kv_extend(s.k[layer], k[:, :, o : o + n], s.start, s.in_place)
+            v_all = kv_extend(s.v[layer], v[:, :, o : o + n], s.start, s.in_place)
+            outs.append(F.scaled_dot_product_attention(
+                q[:, :, o : o + n], k_all, v_all, attn_mask=s.mask(block)
+            ))  # (B, H, n, Dh)  # fmt: skip
+            o += n
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # (B, H, sum Tn, Dh)
+        return self.to_out[0](out.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -309,26 +366,24 @@ class DiTBlock(nn.Module):
         h = modulate(x, shift_mlp, scale_mlp)
         return x + gate_mlp.unsqueeze(1) * self.ff(h)
 
-    def forward_chunk(
+    def forward_segments(
         self,
         x: torch.Tensor,
-        t: torch.Tensor,
+        mod: tuple[torch.Tensor, ...],
         angles: torch.Tensor,
-        mask: torch.Tensor,
-        k_past: torch.Tensor,
-        v_past: torch.Tensor,
-        mod: tuple[torch.Tensor, ...] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x (B, Tn, D), t (B, D), angles (Tn, dim_head), mask (Tn, Tp+Tn),
-        # k_past/v_past (B, H, Tp, Dh), mod: precomputed attn_norm(t) (6 x (B, D))
-        # -> x (B, Tn, D), k/v of the new frames (B, H, Tn, Dh)
-        mod = self.attn_norm(t) if mod is None else mod
+        segs: list[Segment],
+        layer: int,
+        block: int,
+        kv_out: list | None = None,
+    ) -> torch.Tensor:
+        # x (B, sum Tn, D), mod: attn_norm(t) (6 x (B, D)), angles (sum Tn, dim_head)
+        # -> x (B, sum Tn, D); the segments' caches are extended (see Attention)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = modulate(x, shift_msa, scale_msa)
-        attn, k, v = self.attn.forward_chunk(h, angles, mask, k_past, v_past)
+        attn = self.attn.forward_segments(h, angles, segs, layer, block, kv_out)
         x = x + gate_msa.unsqueeze(1) * attn
         h = modulate(x, shift_mlp, scale_mlp)
-        return x + gate_mlp.unsqueeze(1) * self.ff(h), k, v
+        return x + gate_mlp.unsqueeze(1) * self.ff(h)
 
 
 class DiT(nn.Module):
@@ -383,6 +438,38 @@ class DiT(nn.Module):
             h = block(h, t_emb, angles, attn_mask)
         return self.head(h, t_emb)
 
+    def forward_segments(
+        self,
+        x: torch.Tensor,
+        mu: torch.Tensor,
+        cond: torch.Tensor,
+        t: torch.Tensor,
+        segs: list[Segment],
+        kv_out: list | None = None,
+    ) -> torch.Tensor:
+        """One incremental step of the block-causal (``streaming=True``) estimator for the
+        segments' new frames, packed along time.
+
+        x, mu, cond (B, 80, sum Tn): the segments' frames in order; t (B,) or ().
+        -> velocity (B, 80, sum Tn). Each segment's cache is extended (:class:`Segment`) and
+        its ``conv_ctx_out`` set; with ``kv_out`` the new K/V of every layer are appended to it.
+        Per segment this equals ``forward(..., streaming=True)`` over its utterance's frames,
+        restricted to the new ones."""
+        B = x.shape[0]
+        if t.ndim == 0:
+            t = t.repeat(B)
+        t_emb, mods, final_mod = self.modulations(t)
+        h = self.input_embed.forward_segments(
+            x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), segs
+        )  # (B, sum Tn, D)
+        pos = torch.cat([s.start + torch.arange(s.frames) for s in segs])  # (sum Tn,)
+        angles = self.rotary_embed.angles(pos)  # (sum Tn, dim_head)
+        block = self.cfg.static_chunk_size
+        for i, blk in enumerate(self.transformer_blocks):
+            h = blk.forward_segments(h, mods[i], angles, segs, i, block, kv_out)
+        scale, shift = final_mod
+        return self.proj_out(modulate(h, shift, scale)).transpose(1, 2)
+
     def forward_chunk(
         self,
         x: torch.Tensor,
@@ -395,7 +482,7 @@ class DiT(nn.Module):
         v_cache: torch.Tensor,
         conv_ctx: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One incremental step of the block-causal (``streaming=True``) estimator.
+        """The functional form of one stream's step (caches in, new pieces out: what exports).
 
         x, mu, cond (B, 80, Tn): the new frames only, absolute frames ``start .. start+Tn-1``
             (``start`` a block boundary; Tn whole blocks, or the utterance's last partial one)
@@ -405,25 +492,13 @@ class DiT(nn.Module):
         conv_ctx (2, B, D, 30): the last 30 inputs of the two position convs (zeros at start 0)
         -> velocity (B, 80, Tn), k_new / v_new (depth, B, H, Tn, Dh) to append to the caches,
            the next conv_ctx (2, B, D, 30).
-        Equals ``forward(..., streaming=True)`` over all frames, restricted to the new ones.
         """
-        B, _, Tn = x.shape
-        if t.ndim == 0:
-            t = t.repeat(B)
-        t_emb, mods, final_mod = self.modulations(t)
-        h, conv_ctx = self.input_embed.forward_chunk(
-            x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), spks, conv_ctx
-        )  # (B, Tn, D)
-        angles = self.rotary_embed.angles(start + torch.arange(Tn))  # (Tn, dim_head)
-        mask = chunk_attention_mask(start, Tn, k_cache.shape[3], self.cfg.static_chunk_size)
-        k_new, v_new = [], []
-        for i, block in enumerate(self.transformer_blocks):
-            h, k, v = block.forward_chunk(h, t_emb, angles, mask, k_cache[i], v_cache[i], mods[i])
-            k_new.append(k)
-            v_new.append(v)
-        scale, shift = final_mod
-        out = self.proj_out(modulate(h, shift, scale)).transpose(1, 2)
-        return out, torch.stack(k_new), torch.stack(v_new), conv_ctx
+        seg = Segment(start, x.shape[2], spks, k_cache, v_cache, conv_ctx, in_place=False)
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out = self.forward_segments(x, mu, cond, t, [seg], kv_out=kv)
+        k_new = torch.stack([k for k, _ in kv])
+        v_new = torch.stack([v for _, v in kv])
+        return out, k_new, v_new, seg.conv_ctx_out
 
     def modulations(self, t: torch.Tensor):
         """Time embedding and every AdaLN modulation for the times ``t`` (B,).

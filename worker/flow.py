@@ -98,6 +98,16 @@ def euler_schedule(n_timesteps: int, dtype: torch.dtype) -> list[tuple[torch.Ten
     return steps
 
 
+def cfg_euler_update(
+    x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor, cfg_rate: float
+) -> torch.Tensor:
+    """One Euler step with classifier-free guidance: x (B, 80, T), v (2B, 80, T) the
+    conditioned rows then the unconditioned ones -> x + dt * ((1 + r) v_c - r v_u)."""
+    B = x.shape[0]
+    v, v_uncond = torch.split(v, [B, B], dim=0)
+    return x + dt * ((1.0 + cfg_rate) * v - cfg_rate * v_uncond)
+
+
 class CFMDecoder(nn.Module):
     """Upstream ``CausalConditionalCFM`` at inference: fixed-step Euler on a cosine time grid,
     the conditional and unconditional velocities computed as one batch of 2."""
@@ -132,9 +142,7 @@ class CFMDecoder(nn.Module):
             x_in = torch.cat((x, x), dim=0)  # (2, 80, T)
             t_in = t.expand(2 * B).contiguous()  # (2,)
             v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in, streaming)
-            v, v_uncond = torch.split(v, [B, B], dim=0)
-            v = (1.0 + self.cfg_rate) * v - self.cfg_rate * v_uncond
-            x = x + dt * v
+            x = cfg_euler_update(x, v, dt, self.cfg_rate)
         return x.float()
 
 

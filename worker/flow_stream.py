@@ -5,28 +5,40 @@ whole 50-frame DiT blocks, each computed from its new frames alone plus, per Eul
 K/V of every finished frame (:class:`StepCache`). Its concatenated output equals
 ``inference(all tokens, streaming=True, finalize=True)``; each chunk costs the same.
 :class:`PromptKVStore` keeps, per voice, the state after the prompt-only blocks.
+
+A chunk is planned (:meth:`FlowStream.plan_chunk`: token embedding, pre-lookahead, noise ->
+:class:`ChunkJob`), solved (:func:`run_chunks`: the Euler steps, several streams' jobs packed
+into one DiT call per step) and finished (:meth:`FlowStream.finish_chunk`: the mel after the
+prompt). ``next_chunk`` is the three for one stream.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import torch
 
-from worker.dit import POS_CONV_KERNEL
-from worker.flow import Flow, euler_schedule
+from worker.dit import POS_CONV_KERNEL, Segment
+from worker.flow import Flow, cfg_euler_update, euler_schedule
+from worker.noise import FLOW_NOISE_FRAMES
+
+log = logging.getLogger(__name__)
 
 
 class StepCache:
     """One Euler step's state of a stream: the roped K and the V of every finished frame for
     every DiT layer and both CFG rows, and the position-conv context.
 
-    K/V live in preallocated (depth, 2, H, capacity, Dh) buffers that grow geometrically, so
-    appends are amortized O(1); ``past()`` returns views, never copies. Growth is x1.5, not
-    x2: at official dims (fp32) a frame costs 22 layers x 2 CFG rows x (K+V) x 1024 x 4 B =
-    352 KiB per step, 3.4 MiB over the 10 steps, so overshoot matters more than the copies.
+    K/V live in preallocated (depth, 2, H, capacity, Dh) buffers; the DiT writes a chunk's new
+    K/V into them at ``length`` and attends over views, so no chunk copies the past. The
+    capacity is reserved for the longest utterance up front (:meth:`for_stream`): an untouched
+    buffer costs address space, not memory (pages are committed as frames are written), so
+    resident memory tracks ``length`` and no chunk ever stalls on a reallocation. Should the
+    reservation be refused (strict overcommit), the buffers start small and grow x1.5 by copy.
     """
 
     GROWTH = 1.5
@@ -46,6 +58,17 @@ class StepCache:
         self.length = 0  # finished frames held
         self.conv_ctx = torch.zeros(2, 2, dim, conv_ctx, dtype=dtype)  # (conv, B, D, k-1)
         self.reallocations = 0
+
+    @classmethod
+    def for_stream(cls, cfg, capacity: int, fallback: int, dtype=torch.float32) -> StepCache:
+        """A cache reserving ``capacity`` frames (virtual), or ``fallback`` frames (growing)
+        when the reservation is refused. ``cfg``: the DiT config."""
+        args = (cfg.depth, cfg.heads, cfg.dim_head, cfg.dim, POS_CONV_KERNEL - 1)
+        try:
+            return cls(*args, capacity, dtype)
+        except RuntimeError as e:  # e.g. vm.overcommit_memory=2
+            log.warning("flow K/V reservation of %d frames refused (%s); growing by copy", capacity, e)
+            return cls(*args, fallback, dtype)
 
     @property
     def capacity(self) -> int:
@@ -74,6 +97,17 @@ class StepCache:
         self.v[:, :, :, self.length : self.length + n] = v_new
         self.length += n
         self.conv_ctx = conv_ctx
+
+    def segment(self, frames: int, spks: torch.Tensor, split: int = 0) -> list[Segment]:
+        """The DiT segment(s) of the next ``frames`` frames (``split``: the first ``split`` as
+        a segment of their own, the rest continuing it)."""
+        self.reserve(self.length + frames)
+        if not split:
+            return [Segment(self.length, frames, spks, self.k, self.v, self.conv_ctx)]
+        return [
+            Segment(self.length, split, spks, self.k, self.v, self.conv_ctx),
+            Segment(self.length + split, frames - split, spks, self.k, self.v, None),
+        ]
 
 
 class PromptKVStore:
@@ -131,6 +165,66 @@ def _prompt_key(*tensors: torch.Tensor, n_steps: int) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class ChunkJob:
+    """One planned chunk of a stream: absolute tokens [start, end), frames [f0, f1).
+
+    ``x`` (1, 80, Tn) the fixed noise (the Euler state), ``mu`` / ``cond`` (2, 80, Tn) the CFG
+    pair's conditions (row 1 zeroed). ``split`` > 0: the first ``split`` frames are the
+    voice's prompt-only blocks, computed in the same call and stored afterwards."""
+
+    stream: FlowStream
+    start: int
+    end: int
+    final: bool
+    x: torch.Tensor
+    mu: torch.Tensor
+    cond: torch.Tensor
+    split: int = 0
+    prefix_ctx: list = field(default_factory=list)  # per step: conv ctx after the split
+
+    @property
+    def frames(self) -> int:
+        return self.x.shape[2]
+
+
+def run_chunks(jobs: list[ChunkJob]) -> list[torch.Tensor]:
+    """The Euler steps of several streams' planned chunks, packed into one DiT call per step
+    (every Linear sees all the jobs' frames as rows; attention stays per stream).
+    -> the final Euler state x (1, 80, Tn) of each job. Equal to running them one by one
+    (within float rounding of the larger GEMMs). The jobs' streams must share one flow and
+    one Euler schedule, and be distinct."""
+    first = jobs[0].stream
+    if len({id(j.stream) for j in jobs}) != len(jobs):
+        raise ValueError("run_chunks: one chunk per stream")
+    if any(j.stream.flow is not first.flow or j.stream.n_steps != first.n_steps for j in jobs):
+        raise ValueError("run_chunks: the streams must share the flow and the Euler steps")
+    dit, cfg_rate = first.flow.decoder.estimator, first.flow.decoder.cfg_rate
+    one = len(jobs) == 1
+    x = jobs[0].x if one else torch.cat([j.x for j in jobs], dim=2)  # (1, 80, sum Tn)
+    mu = jobs[0].mu if one else torch.cat([j.mu for j in jobs], dim=2)  # (2, 80, sum Tn)
+    cond = jobs[0].cond if one else torch.cat([j.cond for j in jobs], dim=2)
+    done = []  # (job, cache, its segments) per step: applied once every step has run
+    for step, (t, dt) in enumerate(first.schedule):
+        segs = []
+        for j in jobs:
+            cache = j.stream.caches[step]
+            part = cache.segment(j.frames, j.stream.spks, j.split)
+            segs += part
+            done.append((j, cache, part))
+        v = dit.forward_segments(torch.cat((x, x)), mu, cond, t.expand(2).contiguous(), segs)
+        x = cfg_euler_update(x, v, dt, cfg_rate)  # (1, 80, sum Tn)
+    # only now are the new frames part of the caches: a call that raised half way left every
+    # stream as it was (its K/V writes lie past ``length``), so each can be retried alone
+    for j, cache, part in done:
+        if j.split:
+            j.prefix_ctx.append(part[0].conv_ctx_out)
+        if not j.final:  # the final chunk's K/V is never read again
+            cache.length += j.frames
+            cache.conv_ctx = part[-1].conv_ctx_out
+    return [x] if one else list(torch.split(x, [j.frames for j in jobs], dim=2))
+
+
 class FlowStream:
     """Incremental block-causal flow for one request: tokens in, mel of finished frames out.
 
@@ -153,12 +247,12 @@ class FlowStream:
         prompt_feat: torch.Tensor,  # (1, Tp, 80), Tp = 2P after upstream's alignment
         embedding: torch.Tensor,  # (1, 192)
         hop_tokens: int = 25,
-        capacity_frames: int | None = None,  # initial K/V capacity (default: first 2 chunks)
+        capacity_frames: int | None = None,  # K/V frames reserved (default: the noise's)
         prompt_store: PromptKVStore | None = None,
         n_steps: int | None = None,  # Euler steps (default: the model config's)
     ):
         cfg = flow.cfg
-        n_steps = n_steps or cfg.n_timesteps
+        self.n_steps = n_steps = n_steps or cfg.n_timesteps
         self.flow = flow
         self.ratio = cfg.token_mel_ratio
         self.block_tokens = cfg.dit.static_chunk_size // cfg.token_mel_ratio  # 25
@@ -186,12 +280,10 @@ class FlowStream:
             self.tokens = prompt_token.long()
             self.token_base = 0
             self.done = 0  # absolute tokens (prompt included) whose frames are computed
-            d = cfg.dit
-            first = self.ratio * self.next_hop
-            capacity = capacity_frames or first + self.ratio * hop_tokens
+            fallback = self.ratio * (self.next_hop + hop_tokens)  # the first two chunks
+            capacity = capacity_frames or FLOW_NOISE_FRAMES
             self.caches = [
-                StepCache(d.depth, d.heads, d.dim_head, d.dim, POS_CONV_KERNEL - 1, capacity)
-                for _ in self.schedule
+                StepCache.for_stream(cfg.dit, capacity, fallback) for _ in self.schedule
             ]
         # prompt-only blocks: computed as a chunk of their own (identical results whether or
         # not they come from ``prompt_store``), reused across requests with the same voice
@@ -206,33 +298,40 @@ class FlowStream:
         self.frames_emitted = 0
         self.finished = False
 
-    def run_prefix(self) -> None:
-        """Compute (or restore) the prompt-only blocks before the first real chunk."""
-        n = self.prefix_tokens
-        if n == 0 or self.done:
-            return
+    def _restore_prefix(self) -> bool:
+        """Restore the prompt-only blocks from the store; False if they are not there."""
         snap = self.prompt_store.get(self._prefix_key) if self._prefix_key else None
         if snap is None:
-            self._chunk(n, final=False)  # returns no frames: all of them are prompt
-            if self._prefix_key:
-                snap = [
-                    (c.past()[0].clone(), c.past()[1].clone(), c.conv_ctx.clone())
-                    for c in self.caches
-                ]
-                self.prompt_store.put(self._prefix_key, snap)
-        else:
-            for cache, (k, v, ctx) in zip(self.caches, snap, strict=True):
-                cache.reserve(k.shape[3])
-                cache.k[:, :, :, : k.shape[3]] = k
-                cache.v[:, :, :, : v.shape[3]] = v
-                cache.length = k.shape[3]
-                cache.conv_ctx = ctx.clone()
-            self.done = n
-            keep = max(self.done - self.history, 0)
-            self.tokens = self.tokens[:, keep - self.token_base :]
-            self.token_base = keep
-            self.prefix_reused = True
-        self.next_hop -= n
+            return False
+        for cache, (k, v, ctx) in zip(self.caches, snap, strict=True):
+            cache.reserve(k.shape[3])
+            cache.k[:, :, :, : k.shape[3]] = k
+            cache.v[:, :, :, : v.shape[3]] = v
+            cache.length = k.shape[3]
+            cache.conv_ctx = ctx.clone()
+        self._advance(self.prefix_tokens)
+        self.prefix_reused = True
+        return True
+
+    def _store_prefix(self, ctxs: list[torch.Tensor]) -> None:
+        """Store the prompt-only blocks' state: K/V of their frames and the conv context
+        after them (``ctxs``, per step)."""
+        if self._prefix_key:
+            n = self.ratio * self.prefix_tokens
+            snap = [
+                (c.k[:, :, :, :n].clone(), c.v[:, :, :, :n].clone(), ctx.clone())
+                for c, ctx in zip(self.caches, ctxs, strict=True)
+            ]
+            self.prompt_store.put(self._prefix_key, snap)
+
+    def run_prefix(self) -> None:
+        """Compute (or restore) the prompt-only blocks ahead of the first chunk (a stage runs
+        them while the LLM decodes the first hop)."""
+        if not self.prefix_pending() or self._restore_prefix():
+            return
+        job = self._plan(self.prefix_tokens, final=False)
+        self.finish_chunk(job, run_chunks([job])[0])
+        self._store_prefix([c.conv_ctx for c in self.caches])
 
     @property
     def tokens_known(self) -> int:
@@ -261,25 +360,49 @@ class FlowStream:
             self.tokens = torch.cat((self.tokens, token.long()), dim=1)
 
     @torch.inference_mode()
-    def next_chunk(self, finalize: bool = False) -> tuple[torch.Tensor, int] | None:
-        """Run the next chunk if one is ready, or with ``finalize`` (no more tokens will come)
-        the final chunk over every remaining token. -> (mel (1, 80, F) of the newly finished
-        frames after the prompt, speech tokens after the prompt the chunk covers), or None."""
+    def plan_chunk(self, finalize: bool = False) -> ChunkJob | None:
+        """The next chunk if one is ready, or with ``finalize`` (no more tokens will come)
+        the final chunk over every remaining token; None if there is none. A voice's
+        prompt-only blocks still pending are restored from the store or become the first
+        ``split`` frames of the same job (one DiT call for them and the first hop)."""
         if self.finished or not (finalize or self.ready()):
             return None
-        self.run_prefix()
-        start = max(self.done, self.P)
+        pending = self.prefix_pending() and not self._restore_prefix()
         if self.ready():
-            end = self.done + self.next_hop
-            mel = self._chunk(end, final=False)
-            self.next_hop = self.hop_tokens
+            job = self._plan(self.done + self.next_hop, final=False)
         else:
-            end = self.tokens_known
-            mel = self._chunk(end, final=True)
+            job = self._plan(self.tokens_known, final=True)
+        if pending:
+            job.split = self.ratio * self.prefix_tokens
+        return job
+
+    @torch.inference_mode()
+    def finish_chunk(self, job: ChunkJob, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Account a solved job (``x`` (1, 80, Tn): its final Euler state) -> (mel (1, 80, F)
+        of the newly finished frames after the prompt, speech tokens after the prompt the
+        chunk covers)."""
+        if job.split:
+            self._store_prefix(job.prefix_ctx)
+        covered = max(job.end - max(job.start, self.P), 0)
+        self._advance(job.end)
+        if job.final:
             self.finished = True
             self.caches = []  # the request is over: free its K/V now
+        elif job.end > self.prefix_tokens or job.start:
+            self.next_hop = self.hop_tokens
+        mel = x.float()[:, :, max(self.prompt_frames - self.ratio * job.start, 0) :]
         self.frames_emitted += mel.shape[2]
-        return mel, max(end - start, 0)
+        return mel, covered
+
+    def next_chunk(self, finalize: bool = False) -> tuple[torch.Tensor, int] | None:
+        """Plan, solve and finish the next chunk (:meth:`plan_chunk`) -> (mel (1, 80, F) of
+        the newly finished frames after the prompt, speech tokens after the prompt the chunk
+        covers), or None."""
+        job = self.plan_chunk(finalize)
+        if job is None:
+            return None
+        with torch.inference_mode():
+            return self.finish_chunk(job, run_chunks([job])[0])
 
     def push(self, token: torch.Tensor | None = None, finalize: bool = False) -> torch.Tensor:
         """Append new tokens (1, n) and compute every chunk that is ready; with ``finalize``
@@ -298,11 +421,18 @@ class FlowStream:
             return self.spks.new_zeros(1, self.spks.shape[1], 0)
         return torch.cat(mels, dim=2)
 
-    def _chunk(self, end: int, final: bool) -> torch.Tensor:
-        """Compute absolute tokens [self.done, end) -> their mel after the prompt (1, 80, F)."""
+    def _advance(self, end: int) -> None:
+        """Tokens before ``end`` are computed: shrink the hop still due before the next
+        chunk and drop token ids no later chunk needs (it keeps the conv2 history)."""
+        self.next_hop -= end - self.done
+        self.done = end
+        keep = max(self.done - self.history, 0)
+        self.tokens = self.tokens[:, keep - self.token_base :]
+        self.token_base = keep
+
+    def _plan(self, end: int, final: bool) -> ChunkJob:
+        """Inputs of absolute tokens [self.done, end): their conditions and noise."""
         flow, start = self.flow, self.done
-        if end <= start:
-            return self.spks.new_zeros(1, self.spks.shape[1], 0)
         # pre-lookahead: conv2 history on the left (zeros at the utterance start), the
         # lookahead tokens on the right (zeros at the end)
         lo = max(start - self.history, 0)
@@ -320,30 +450,9 @@ class FlowStream:
         cond = mu.new_zeros(1, mu.shape[1], Tn)
         if f0 < self.prompt_frames:
             cond[:, :, : min(f1, self.prompt_frames) - f0] = self.prompt_feat[:, :, f0:f1]
-        mu_in = torch.cat((mu, torch.zeros_like(mu)))  # (2, 80, Tn): CFG row 1 zeroed
-        cond_in = torch.cat((cond, torch.zeros_like(cond)))
         x = flow.noise.flow(f1)[:, :, f0:].to(mu.dtype)  # (1, 80, Tn): the fixed noise
-        estimator, cfg_rate = flow.decoder.estimator, flow.decoder.cfg_rate
-        for (t, dt), cache in zip(self.schedule, self.caches):
-            k_past, v_past = cache.past()
-            v, k_new, v_new, conv_ctx = estimator.forward_chunk(
-                torch.cat((x, x)),
-                mu_in,
-                cond_in,
-                self.spks,
-                t.expand(2).contiguous(),
-                f0,
-                k_past,
-                v_past,
-                cache.conv_ctx,
-            )  # v (2, 80, Tn)
-            if not final:
-                cache.append(k_new, v_new, conv_ctx)
-            v, v_uncond = torch.split(v, [1, 1], dim=0)
-            v = (1.0 + cfg_rate) * v - cfg_rate * v_uncond
-            x = x + dt * v
-        self.done = end
-        keep = max(self.done - self.history, 0)  # drop token ids no later chunk needs
-        self.tokens = self.tokens[:, keep - self.token_base :]
-        self.token_base = keep
-        return x.float()[:, :, max(self.prompt_frames - f0, 0) :]
+        return ChunkJob(
+            self, start, end, final, x,
+            torch.cat((mu, torch.zeros_like(mu))),  # (2, 80, Tn): CFG row 1 zeroed
+            torch.cat((cond, torch.zeros_like(cond))),
+        )  # fmt: skip

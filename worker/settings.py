@@ -13,6 +13,7 @@ a stray ``COSY_*`` in the environment changes no test.
 | ``COSY_{LLM,FLOW,HIFT,FRONTEND}_CPUS`` | affinity, cpu-list syntax ``0-3,8`` | inherit |
 | ``COSY_HOP_TOKENS`` | speech tokens per streamed hop, multiple of 25 | 25 |
 | ``COSY_FLOW_STEPS`` | Euler steps of the flow ODE, 1..100 | 10 |
+| ``COSY_FLOW_BATCH`` | requests whose ready flow chunks run as one packed DiT call, 1..64 | 4 |
 | ``COSY_PRECISION`` | preset: ``auto`` (per-host policy) or ``exact`` (fp32 everywhere) | auto |
 | ``COSY_{LLM,FLOW,HIFT}_PRECISION`` | ``auto`` or ``fp32`` (bf16/int8: not yet) | auto |
 | ``COSY_MAX_BATCH`` | concurrent LLM sequences (KV cache slots) | 8 |
@@ -238,6 +239,7 @@ class Knobs:
     cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR).expanduser())
     cache_max_mb: float = 2048.0  # math.inf: no cap
     prompt_kv_mb: int = 2048  # in-memory per-speaker flow K/V of prompt-only DiT blocks; 0 = off
+    flow_batch: int = 4  # requests whose ready flow chunks run as one packed DiT call
     compile: bool = False
     log_level: str = "INFO"
     # the service (worker/server.py, run.sh serve)
@@ -272,6 +274,7 @@ class Knobs:
             "cache_dir": _cache_dir,
             "cache_max_mb": _positive_float(allow_inf=True),
             "prompt_kv_mb": _int_in(0),
+            "flow_batch": _int_in(1, 64),
             "compile": _compile,
             "log_level": _log_level,
             "model_dir": _dir_path,

@@ -4,9 +4,12 @@ One stream per request: :class:`worker.flow_stream.FlowStream` (``incremental``:
 K/V caches, every chunk costs the same; a new voice's prompt-only blocks run as soon as the
 request starts, while the LLM is still decoding its first hop) or
 :class:`worker.reference.RecomputeFlow` (``recompute``: upstream's strategy). Each
-:meth:`FlowCore.step` runs one chunk (a full hop plus lookahead, or the rest once the tokens
-are final): a new request's first chunk before others' later chunks, the rest round robin,
-so no request waits for another's whole utterance. The per-voice state of prompt-only DiT blocks is
+:meth:`FlowCore.step` runs the ready chunks (a full hop plus lookahead, or the rest once the
+tokens are final) of up to ``max_batch`` incremental requests as one packed DiT call per
+Euler step (:func:`worker.flow_stream.run_chunks`: the GEMMs see k chunks' rows at once),
+most urgent first: new requests' first chunks, then round robin, so no request waits for
+another's whole utterance. A batch that fails is retried request by request, so a failure
+stays with the request that caused it. The per-voice state of prompt-only DiT blocks is
 shared across requests (:class:`PromptKVStore`).
 """
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from worker.flow import Flow
-from worker.flow_stream import FlowStream, PromptKVStore
+from worker.flow_stream import FlowStream, PromptKVStore, run_chunks
 from worker.reference import RecomputeFlow
 from worker.request import STRATEGIES
 from worker.stages.messages import Abort, Failed, Mel, Message, Start, Tokens
@@ -43,9 +46,17 @@ class FlowCore:
     name = "flow"
 
     def __init__(
-        self, flow: Flow, hop_tokens: int = 25, n_steps: int | None = None, prompt_kv_mb: int = 0
+        self,
+        flow: Flow,
+        hop_tokens: int = 25,
+        n_steps: int | None = None,
+        prompt_kv_mb: int = 0,
+        max_batch: int = 4,
     ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.flow = flow
+        self.max_batch = max_batch
         self.hop_tokens = hop_tokens
         self.n_steps = n_steps or flow.cfg.n_timesteps
         self.block = flow.cfg.dit.static_chunk_size // flow.cfg.token_mel_ratio  # 25 tokens
@@ -53,6 +64,7 @@ class FlowCore:
         self.reqs: dict[str, _FlowRequest] = {}
         self.busy_s = 0.0
         self.chunks = 0
+        self.calls = 0  # solver runs (a batch of chunks counts once)
 
     def _open(self, msg: Start) -> _FlowRequest:
         req, cfg = msg.req, self.flow.cfg
@@ -113,24 +125,62 @@ class FlowCore:
 
     @torch.inference_mode()
     def step(self) -> list[Message]:
-        """One chunk (or a new voice's prompt-only blocks) of the most urgent request among
-        those that have one ready (:meth:`_priority`). -> [] / [Mel] / [Failed]."""
-        ready = [(rid, r) for rid, r in self.reqs.items() if r.has_work()]
+        """The ready chunks of the most urgent requests (:meth:`_priority`), up to
+        ``max_batch`` incremental ones solved together; or, when no chunk is ready, a new
+        voice's prompt-only blocks. -> [] / [Mel | Failed, ...]."""
+        ready = sorted(
+            ((rid, r) for rid, r in self.reqs.items() if r.has_work()),
+            key=lambda x: self._priority(x[1]),
+        )
         if not ready:
             return []
-        rid, r = min(ready, key=lambda x: self._priority(x[1]))
         t0 = time.perf_counter()
-        try:
-            if not (r.final or r.stream.ready()):  # the prompt-only blocks, ahead of time
+        chunks = [(rid, r) for rid, r in ready if r.final or r.stream.ready()]
+        out: list[Message] = []
+        if not chunks:  # the prompt-only blocks, ahead of time
+            rid, r = ready[0]
+            try:
                 r.stream.run_prefix()
-                self.busy_s += time.perf_counter() - t0
-                return []
-            chunk = r.stream.next_chunk(finalize=r.final)
-        except Exception as e:  # noqa: BLE001 - one request's failure stays its own
-            log.exception("flow: chunk of %s failed", rid)
-            del self.reqs[rid]
-            return [Failed(rid, "internal", f"flow failed: {e}")]
+            except Exception as e:  # noqa: BLE001 - one request's failure stays its own
+                out = self._fail(rid, e)
+        elif not isinstance(chunks[0][1].stream, FlowStream):  # recompute: one at a time
+            rid, r = chunks[0]
+            try:
+                chunk = r.stream.next_chunk(finalize=r.final)
+            except Exception as e:  # noqa: BLE001
+                out = self._fail(rid, e)
+            else:
+                out = self._emit(rid, r, chunk)
+        else:
+            batch = [(rid, r) for rid, r in chunks if isinstance(r.stream, FlowStream)]
+            out = self._run_batch(batch[: self.max_batch])
         self.busy_s += time.perf_counter() - t0
+        return out
+
+    def _run_batch(self, batch: list[tuple[str, _FlowRequest]]) -> list[Message]:
+        """Solve the batch's next chunks together; if that fails, each request alone (a
+        failed solve leaves every stream as it was), so only the culprit fails."""
+        try:
+            jobs = [(rid, r, j) for rid, r in batch if (j := r.stream.plan_chunk(r.final))]
+            xs = run_chunks([j for _, _, j in jobs]) if jobs else []
+        except Exception as e:  # noqa: BLE001
+            if len(batch) == 1:
+                return self._fail(batch[0][0], e)
+            log.warning("flow: a batch of %d chunks failed (%s); one by one", len(batch), e)
+            return [m for item in batch for m in self._run_batch([item])]
+        self.calls += bool(jobs)
+        out = []
+        for (rid, r, job), x in zip(jobs, xs, strict=True):
+            out += self._emit(rid, r, r.stream.finish_chunk(job, x))
+        return out
+
+    def _fail(self, rid: str, e: Exception) -> list[Message]:
+        log.error("flow: chunk of %s failed", rid, exc_info=e)
+        self.reqs.pop(rid, None)
+        return [Failed(rid, "internal", f"flow failed: {e}")]
+
+    def _emit(self, rid: str, r: _FlowRequest, chunk) -> list[Message]:
+        """(mel, covered tokens) or None -> [Mel] / []."""
         if chunk is None:
             return []
         self.chunks += 1
@@ -153,7 +203,8 @@ class FlowCore:
 
     def stats(self) -> dict[str, float | int]:
         return {
-            "active": len(self.reqs), "chunks": self.chunks, "busy_s": round(self.busy_s, 3),
+            "active": len(self.reqs), "chunks": self.chunks, "calls": self.calls,
+            "busy_s": round(self.busy_s, 3),
             "prompt_kv_entries": len(self.prompt_kv.entries),
             "prompt_kv_hits": self.prompt_kv.hits, "prompt_kv_misses": self.prompt_kv.misses,
         }  # fmt: skip

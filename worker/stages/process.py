@@ -73,7 +73,8 @@ def build_core(stage: str, model_dir: str | Path, knobs: Knobs):
     if stage == "flow":
         from worker.stages.flow import FlowCore
 
-        return FlowCore(models.flow, knobs.hop_tokens, knobs.flow_steps, knobs.prompt_kv_mb)
+        return FlowCore(models.flow, knobs.hop_tokens, knobs.flow_steps, knobs.prompt_kv_mb,
+                        knobs.flow_batch)  # fmt: skip
     from worker.stages.hift import HiFTCore
 
     return HiFTCore(models.hift)
