@@ -97,7 +97,7 @@ def test_rope_rotates_only_the_first_dim_head_channels():
     angles = torch.arange(5).float().unsqueeze(1) * rope_inv_freq(dim_head)  # (5, 8)
     angles = torch.stack((angles, angles), dim=-1).flatten(-2)  # (5, 16)
     x = torch.randn(2, 5, width)
-    y = apply_rotary(x, angles)
+    y = apply_rotary(x, (angles.cos(), angles.sin()))
     assert torch.equal(y[..., dim_head:], x[..., dim_head:])
     assert torch.equal(y[:, 0], x[:, 0])  # position 0: angle 0
     # pair (0, 1) at position 1 is rotated by inv_freq[0] = 1 rad

@@ -124,6 +124,7 @@ def run_stream(models, engine, cores, n_tokens: int, mode: str, stages: set[str]
     curve, audio_samples, first = [(0.0, 0.0)], 0, None
     flow, hift = (engine.flow, engine.hift) if engine else cores
     busy0 = (flow.busy_s, hift.busy_s)
+    flow.call_log.clear()
     _reset_peak_rss()
     t0 = time.perf_counter()
     if "llm" in stages:
@@ -148,9 +149,16 @@ def run_stream(models, engine, cores, n_tokens: int, mode: str, stages: set[str]
         flops = dit_flops(cfg, frames + 2 * PROMPT_TOKENS, frames // 2 + PROMPT_TOKENS)
     else:  # recompute: each chunk recomputes everything so far; estimate from the schedule
         flops = float("nan")
+    # per-chunk flow solve times (incremental; the first chunk carries the prompt): the
+    # steadiness of a live stream is the worst later chunk against the median one
+    chunk_s = [s for _, _, s in flow.call_log]
+    later = chunk_s[1:]
     return {
         "mode": mode,
         "tokens": n_tokens,
+        "flow_chunk_s": chunk_s,
+        "flow_chunk_median_s": statistics.median(later) if later else None,
+        "flow_chunk_max_over_median": max(later) / statistics.median(later) if later else None,
         "audio_s": audio_s,
         "first_audio_s": first,
         "total_s": total,
@@ -162,6 +170,20 @@ def run_stream(models, engine, cores, n_tokens: int, mode: str, stages: set[str]
         "peak_rss_mb": _peak_rss_mb(),
         "curve": curve,
     }
+
+
+@torch.inference_mode()
+def whole_dit_gflops(models, n_tokens: int, seed: int = 0) -> float:
+    """GFLOP/s of one whole-utterance flow call (every frame at once, block-causal, as
+    upstream's last chunk): the efficiency a per-chunk DiT is measured against."""
+    cfg = models.config
+    req = make_request(cfg, n_tokens, "incremental", seed, False)
+    t0 = time.perf_counter()
+    models.flow.inference(req.forced_tokens[None], req.flow_prompt_speech, req.prompt_feat,
+                          req.embedding, streaming=True, finalize=True)  # fmt: skip
+    dt = time.perf_counter() - t0
+    frames = 2 * (n_tokens + PROMPT_TOKENS)
+    return dit_flops(cfg, frames, frames // 2) / dt / 1e9
 
 
 def llm_batch(models, batcher: LLMBatcher, batch: int, tokens: int, seed: int) -> float:
@@ -191,7 +213,8 @@ def _median_run(runs: list[dict]) -> dict:
     for k in ("first_audio_s", "total_s", "rtf", "peak_rss_mb"):
         out[k] = med(r[k] for r in runs)
     out["stage_s"] = {s: med(r["stage_s"][s] for r in runs) for s in ("llm", "flow", "hift")}
-    for k in ("llm_tokens_per_s", "dit_gflops", "hift_samples_per_s"):
+    for k in ("llm_tokens_per_s", "dit_gflops", "hift_samples_per_s", "flow_chunk_median_s",
+              "flow_chunk_max_over_median"):
         vals = [r[k] for r in runs if r[k] is not None]
         out[k] = med(vals) if vals else None
     out["repeats"] = len(runs)
@@ -283,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every run uses one voice: runs after the first reuse its prompt blocks",
     )
+    ap.add_argument("--no-whole", dest="whole", action="store_false",
+                    help="skip the whole-utterance DiT call (the per-chunk efficiency reference)")
     ap.add_argument("--service", action="store_true",
                     help="drive the real service over sockets with --clients, next to the "
                          "in-process engine on the same requests")  # fmt: skip
@@ -358,6 +383,14 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(r)
                 msg = f"first audio {_fmt(r['first_audio_s'])} s, total {_fmt(r['total_s'])} s"
                 print(f"{mode:>11} {r['audio_s']:5.1f}s audio: {msg}, RTF {_fmt(r['rtf'])}")
+    whole = {}
+    if {"flow", "hift"} <= stages and "incremental" in modes and args.whole:
+        n = int(round(min(seconds) * models.config.token_frame_rate))
+        gfs = statistics.median(whole_dit_gflops(models, n, i) for i in range(args.repeat))
+        inc = next(r for r in results if r["mode"] == "incremental" and r["tokens"] == n)
+        whole = {"tokens": n, "gflops": gfs, "chunked_vs_whole": inc["dit_gflops"] / gfs}
+        print(f"whole-utterance DiT ({min(seconds):g} s): {gfs:.1f} GFLOP/s; per-chunk "
+              f"{inc['dit_gflops']:.1f} = {whole['chunked_vs_whole']:.0%} of it", flush=True)
     batch = {}
     if "llm" in stages and args.batch:
         batcher = engine.llm.batcher if engine else LLMBatcher(models.llm, 8, BENCH_MAX_SEQ)
@@ -374,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "host": host,
         "runs": [{k: v for k, v in r.items()} for r in results],
         "llm_batch": batch,
+        "whole_dit": whole,
     }
     if results and "llm" in stages:
         gb = llm_weight_bytes(models) / 1e9
@@ -381,13 +415,14 @@ def main(argv: list[str] | None = None) -> int:
             r["llm_weight_gbs"] = (r["llm_tokens_per_s"] or 0) * gb
     # table
     hdr = ("mode", "audio s", "first s", "total s", "RTF", "llm s", "flow s", "hift s",
-           "LLM tok/s", "DiT GF/s", "HiFT kS/s", "RSS MB")  # fmt: skip
+           "LLM tok/s", "DiT GF/s", "chunk max/med", "HiFT kS/s", "RSS MB")  # fmt: skip
     print("\n" + " | ".join(hdr))
     for r in report["runs"]:
         st, hs = r["stage_s"], r["hift_samples_per_s"]
         cells = [r["mode"], _fmt(r["audio_s"], 1), _fmt(r["first_audio_s"]), _fmt(r["total_s"])]
         cells += [_fmt(r["rtf"]), _fmt(st["llm"]), _fmt(st["flow"]), _fmt(st["hift"])]
         cells += [_fmt(r["llm_tokens_per_s"]), _fmt(r["dit_gflops"], 1)]
+        cells += [_fmt(r["flow_chunk_max_over_median"]) if r["mode"] == "incremental" else "-"]
         cells += [_fmt(hs / 1e3 if hs else None, 1), _fmt(r["peak_rss_mb"], 0)]
         print(" | ".join(cells))
     by = {(r["mode"], round(r["audio_s"])): r for r in report["runs"]}

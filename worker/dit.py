@@ -13,7 +13,7 @@ Numerics follow upstream op for op, including its quirks:
   ``j < (i // static_chunk_size + 1) * static_chunk_size``.
 
 Attention is split into separable steps (``Attention.project`` -> :func:`apply_rotary` with
-angles for explicit positions (``RotaryEmbedding.angles``) -> :func:`attend` ->
+the cos/sin of explicit positions (``RotaryEmbedding.rope``) -> :func:`attend` ->
 ``Attention.to_out``), so an incremental per-block step can keep K/V of finished blocks as
 plain tensors and reuse everything else.
 
@@ -228,15 +228,23 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.to(self.inv_freq.dtype).unsqueeze(1) * self.inv_freq  # (T, dim_head/2)
         return torch.stack((freqs, freqs), dim=-1).flatten(-2)
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T,) positions -> (cos, sin) of their angles, each (T, dim_head): computed once
+        per call, shared by every layer."""
+        angles = self.angles(positions)
+        return angles.cos(), angles.sin()
 
-def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``angles.shape[-1]`` channels of x (B, T, C) by angles (T, r) in
-    interleaved pairs: y[2i] = x[2i] cos - x[2i+1] sin, y[2i+1] = x[2i+1] cos + x[2i] sin."""
-    r = angles.shape[-1]
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the first ``r`` channels of x (B, T, C) by the angles whose (cos, sin) are
+    ``rope`` (each (T, r)) in interleaved pairs: y[2i] = x[2i] cos - x[2i+1] sin,
+    y[2i+1] = x[2i+1] cos + x[2i] sin."""
+    cos, sin = rope
+    r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     pairs = rot.unflatten(-1, (r // 2, 2))  # (B, T, r/2, 2)
     swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (B, T, r)
-    rot = rot * angles.cos() + swapped * angles.sin()
+    rot = rot * cos + swapped * sin
     return torch.cat((rot, rest), dim=-1)
 
 
@@ -264,15 +272,15 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(dim, inner)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # key "to_out.0" (1 was dropout)
 
-    def project(self, x: torch.Tensor, angles: torch.Tensor):
-        """x (B, T, D), angles (T, dim_head) -> roped q, roped k, v, each (B, T, H*Dh)."""
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+        """x (B, T, D), rope (cos, sin) (T, dim_head) -> roped q, roped k, v, each (B, T, H*Dh)."""
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        return apply_rotary(q, angles), apply_rotary(k, angles), v
+        return apply_rotary(q, rope), apply_rotary(k, rope), v
 
     def forward(
-        self, x: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor | None
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None
     ) -> torch.Tensor:
-        q, k, v = self.project(x, angles)
+        q, k, v = self.project(x, rope)
         out = self.to_out[0](attend(q, k, v, self.heads, mask))  # (B, T, D)
         if mask is None:
             return out
@@ -282,17 +290,17 @@ class Attention(nn.Module):
     def forward_segments(
         self,
         x: torch.Tensor,
-        angles: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         segs: list[Segment],
         layer: int,
         block: int,
         kv_out: list | None = None,
     ) -> torch.Tensor:
-        """x (B, sum Tn, D) the segments' new frames packed along time, angles (sum Tn,
-        dim_head) -> (B, sum Tn, D). Each segment attends over its own layer-``layer`` cache
+        """x (B, sum Tn, D) the segments' new frames packed along time, rope (cos, sin)
+        (sum Tn, dim_head) -> (B, sum Tn, D). Each segment attends over its own layer-``layer`` cache
         extended by its new K/V (appended to ``kv_out`` as (B, H, sum Tn, Dh) when given)."""
         B, T, _ = x.shape
-        q, k, v = (a.view(B, T, self.heads, -1).transpose(1, 2) for a in self.project(x, angles))
+        q, k, v = (a.view(B, T, self.heads, -1).transpose(1, 2) for a in self.project(x, rope))
         if kv_out is not None:  # (B, H, sum Tn, Dh)
             kv_out.append((k, v))
         outs, o = [], 0
@@ -358,11 +366,12 @@ class DiTBlock(nn.Module):
         self.ff = FeedForward(dim, ff_mult)
 
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, angles: torch.Tensor, mask: torch.Tensor | None
+        self, x: torch.Tensor, t: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        # x (B, T, D), t (B, D), angles (T, dim_head), mask (B|1, 1, T, T) bool or None
+        # x (B, T, D), t (B, D), rope (cos, sin) (T, dim_head), mask (B|1, 1, T, T) or None
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.attn_norm(t)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(x, shift_msa, scale_msa), angles, mask)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(x, shift_msa, scale_msa), rope, mask)
         h = modulate(x, shift_mlp, scale_mlp)
         return x + gate_mlp.unsqueeze(1) * self.ff(h)
 
@@ -370,17 +379,17 @@ class DiTBlock(nn.Module):
         self,
         x: torch.Tensor,
         mod: tuple[torch.Tensor, ...],
-        angles: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         segs: list[Segment],
         layer: int,
         block: int,
         kv_out: list | None = None,
     ) -> torch.Tensor:
-        # x (B, sum Tn, D), mod: attn_norm(t) (6 x (B, D)), angles (sum Tn, dim_head)
+        # x (B, sum Tn, D), mod: attn_norm(t) (6 x (B, D)), rope (cos, sin) (sum Tn, dim_head)
         # -> x (B, sum Tn, D); the segments' caches are extended (see Attention)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         h = modulate(x, shift_msa, scale_msa)
-        attn = self.attn.forward_segments(h, angles, segs, layer, block, kv_out)
+        attn = self.attn.forward_segments(h, rope, segs, layer, block, kv_out)
         x = x + gate_msa.unsqueeze(1) * attn
         h = modulate(x, shift_mlp, scale_mlp)
         return x + gate_mlp.unsqueeze(1) * self.ff(h)
@@ -432,10 +441,10 @@ class DiT(nn.Module):
         # x, mu, cond: (B, 80, T); mask: (B, 1, T); t: (B,); spks: (B, 80) -> (B, 80, T)
         h, t_emb = self.embed(x, mu, t, spks, cond)
         T = h.shape[1]
-        angles = self.rotary_embed.angles(torch.arange(T, device=h.device))  # (T, dim_head)
+        rope = self.rotary_embed.rope(torch.arange(T, device=h.device))  # 2 x (T, dim_head)
         attn_mask = attention_mask(mask, self.cfg.static_chunk_size if streaming else 0)
         for block in self.transformer_blocks:
-            h = block(h, t_emb, angles, attn_mask)
+            h = block(h, t_emb, rope, attn_mask)
         return self.head(h, t_emb)
 
     def forward_segments(
@@ -463,10 +472,10 @@ class DiT(nn.Module):
             x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), segs
         )  # (B, sum Tn, D)
         pos = torch.cat([s.start + torch.arange(s.frames) for s in segs])  # (sum Tn,)
-        angles = self.rotary_embed.angles(pos)  # (sum Tn, dim_head)
+        rope = self.rotary_embed.rope(pos)  # 2 x (sum Tn, dim_head)
         block = self.cfg.static_chunk_size
         for i, blk in enumerate(self.transformer_blocks):
-            h = blk.forward_segments(h, mods[i], angles, segs, i, block, kv_out)
+            h = blk.forward_segments(h, mods[i], rope, segs, i, block, kv_out)
         scale, shift = final_mod
         return self.proj_out(modulate(h, shift, scale)).transpose(1, 2)
 

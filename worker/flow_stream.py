@@ -197,9 +197,9 @@ def run_chunks(jobs: list[ChunkJob]) -> list[torch.Tensor]:
     first = jobs[0].stream
     if len({id(j.stream) for j in jobs}) != len(jobs):
         raise ValueError("run_chunks: one chunk per stream")
-    if any(j.stream.flow is not first.flow or j.stream.n_steps != first.n_steps for j in jobs):
-        raise ValueError("run_chunks: the streams must share the flow and the Euler steps")
-    dit, cfg_rate = first.flow.decoder.estimator, first.flow.decoder.cfg_rate
+    if any(j.stream.dit is not first.dit or j.stream.n_steps != first.n_steps for j in jobs):
+        raise ValueError("run_chunks: the streams must share the DiT step and the Euler steps")
+    dit, cfg_rate = first.dit, first.flow.decoder.cfg_rate
     one = len(jobs) == 1
     x = jobs[0].x if one else torch.cat([j.x for j in jobs], dim=2)  # (1, 80, sum Tn)
     mu = jobs[0].mu if one else torch.cat([j.mu for j in jobs], dim=2)  # (2, 80, sum Tn)
@@ -250,10 +250,12 @@ class FlowStream:
         capacity_frames: int | None = None,  # K/V frames reserved (default: the noise's)
         prompt_store: PromptKVStore | None = None,
         n_steps: int | None = None,  # Euler steps (default: the model config's)
+        dit=None,  # the DiT step: anything with DiT.forward_segments (default: the flow's)
     ):
         cfg = flow.cfg
         self.n_steps = n_steps = n_steps or cfg.n_timesteps
         self.flow = flow
+        self.dit = dit or flow.decoder.estimator
         self.ratio = cfg.token_mel_ratio
         self.block_tokens = cfg.dit.static_chunk_size // cfg.token_mel_ratio  # 25
         if hop_tokens <= 0 or hop_tokens % self.block_tokens:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,7 @@ class FlowCore:
         self.busy_s = 0.0
         self.chunks = 0
         self.calls = 0  # solver runs (a batch of chunks counts once)
+        self.call_log: deque[tuple[int, int, float]] = deque(maxlen=4096)  # (chunks, frames, s)
 
     def _open(self, msg: Start) -> _FlowRequest:
         req, cfg = msg.req, self.flow.cfg
@@ -160,6 +162,7 @@ class FlowCore:
     def _run_batch(self, batch: list[tuple[str, _FlowRequest]]) -> list[Message]:
         """Solve the batch's next chunks together; if that fails, each request alone (a
         failed solve leaves every stream as it was), so only the culprit fails."""
+        t0 = time.perf_counter()
         try:
             jobs = [(rid, r, j) for rid, r in batch if (j := r.stream.plan_chunk(r.final))]
             xs = run_chunks([j for _, _, j in jobs]) if jobs else []
@@ -168,7 +171,10 @@ class FlowCore:
                 return self._fail(batch[0][0], e)
             log.warning("flow: a batch of %d chunks failed (%s); one by one", len(batch), e)
             return [m for item in batch for m in self._run_batch([item])]
-        self.calls += bool(jobs)
+        if jobs:
+            self.calls += 1
+            frames = sum(j.frames for _, _, j in jobs)
+            self.call_log.append((len(jobs), frames, time.perf_counter() - t0))
         out = []
         for (rid, r, job), x in zip(jobs, xs, strict=True):
             out += self._emit(rid, r, r.stream.finish_chunk(job, x))
