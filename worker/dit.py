@@ -409,6 +409,11 @@ class DiT(nn.Module):
         self._mod_memo: dict = {}  # see modulations()
         self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
 
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """dtype of a stream's K/V cache: that of the attention projections' weights."""
+        return self.transformer_blocks[0].attn.to_k.weight.dtype
+
     def embed(
         self,
         x: torch.Tensor,

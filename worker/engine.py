@@ -102,7 +102,8 @@ class Engine:
         self.sample_rate = models.config.sample_rate
         self.llm = LLMCore(models.llm, max_batch or k.max_batch, max_seq or k.max_seq,
                            k.hop_tokens, models.config.flow.pre_lookahead_len)  # fmt: skip
-        self.flow = FlowCore(models.flow, k.hop_tokens, k.flow_steps, k.prompt_kv_mb, k.flow_batch)
+        self.flow = FlowCore(models.flow, k.hop_tokens, k.flow_steps, k.prompt_kv_mb, k.flow_batch,
+                             prefix_ahead=False)  # one process: prompt blocks + first hop at once
         self.hift = HiFTCore(models.hift)
         self.tracks: dict[str, _Track] = {}
         self.stats = EngineStats()

@@ -250,7 +250,7 @@ class FlowStream:
         capacity_frames: int | None = None,  # K/V frames reserved (default: the noise's)
         prompt_store: PromptKVStore | None = None,
         n_steps: int | None = None,  # Euler steps (default: the model config's)
-        dit=None,  # the DiT step: anything with DiT.forward_segments (default: the flow's)
+        dit=None,  # the DiT step: DiT.forward_segments and a cache_dtype (default: the flow's)
     ):
         cfg = flow.cfg
         self.n_steps = n_steps = n_steps or cfg.n_timesteps
@@ -284,8 +284,9 @@ class FlowStream:
             self.done = 0  # absolute tokens (prompt included) whose frames are computed
             fallback = self.ratio * (self.next_hop + hop_tokens)  # the first two chunks
             capacity = capacity_frames or FLOW_NOISE_FRAMES
+            dtype = getattr(self.dit, "cache_dtype", torch.float32)  # bf16 DiT: bf16 K/V
             self.caches = [
-                StepCache.for_stream(cfg.dit, capacity, fallback) for _ in self.schedule
+                StepCache.for_stream(cfg.dit, capacity, fallback, dtype) for _ in self.schedule
             ]
         # prompt-only blocks: computed as a chunk of their own (identical results whether or
         # not they come from ``prompt_store``), reused across requests with the same voice

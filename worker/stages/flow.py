@@ -1,8 +1,9 @@
 """The Flow stage core: Start and speech tokens in, mel chunks out.
 
 One stream per request: :class:`worker.flow_stream.FlowStream` (``incremental``: per-block
-K/V caches, every chunk costs the same; a new voice's prompt-only blocks run as soon as the
-request starts, while the LLM is still decoding its first hop) or
+K/V caches, every chunk costs the same; with ``prefix_ahead`` (the stage process) a new
+voice's prompt-only blocks run as soon as the request starts, while the LLM is still decoding
+its first hop; without (in one process) they run in the first chunk's DiT call) or
 :class:`worker.reference.RecomputeFlow` (``recompute``: upstream's strategy). Each
 :meth:`FlowCore.step` runs the ready chunks (a full hop plus lookahead, or the rest once the
 tokens are final) of up to ``max_batch`` incremental requests as one packed DiT call per
@@ -39,8 +40,9 @@ class _FlowRequest:
     frames_out: int = 0  # mel frames emitted
     last_run: float = 0.0  # monotonic time of its last chunk
 
-    def has_work(self) -> bool:
-        return self.final or self.stream.ready() or self.stream.prefix_pending()
+    def has_work(self, prefix_ahead: bool = True) -> bool:
+        chunk = self.final or self.stream.ready()
+        return chunk or (prefix_ahead and self.stream.prefix_pending())
 
 
 class FlowCore:
@@ -53,11 +55,16 @@ class FlowCore:
         n_steps: int | None = None,
         prompt_kv_mb: int = 0,
         max_batch: int = 4,
+        prefix_ahead: bool = True,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.flow = flow
         self.max_batch = max_batch
+        # run a new voice's prompt-only blocks before its first hop's tokens are there: a
+        # gain where the LLM decodes meanwhile on other cycles (its own process); in one
+        # process (Engine) they run as part of the first chunk's call (more rows, one call)
+        self.prefix_ahead = prefix_ahead
         self.hop_tokens = hop_tokens
         self.n_steps = n_steps or flow.cfg.n_timesteps
         self.block = flow.cfg.dit.static_chunk_size // flow.cfg.token_mel_ratio  # 25 tokens
@@ -111,7 +118,7 @@ class FlowCore:
         return [Failed(msg.rid, "internal", f"flow stage got a {type(msg).__name__} message")]
 
     def has_work(self) -> bool:
-        return any(r.has_work() for r in self.reqs.values())
+        return any(r.has_work(self.prefix_ahead) for r in self.reqs.values())
 
     @staticmethod
     def _priority(r: _FlowRequest) -> tuple[int, float]:
@@ -131,7 +138,7 @@ class FlowCore:
         ``max_batch`` incremental ones solved together; or, when no chunk is ready, a new
         voice's prompt-only blocks. -> [] / [Mel | Failed, ...]."""
         ready = sorted(
-            ((rid, r) for rid, r in self.reqs.items() if r.has_work()),
+            ((rid, r) for rid, r in self.reqs.items() if r.has_work(self.prefix_ahead)),
             key=lambda x: self._priority(x[1]),
         )
         if not ready:
