@@ -1,5 +1,6 @@
-"""Incremental HiFT (``HiFTStream``): chunked pushes reproduce the one-shot vocoder, follow
-upstream's emission schedule, cost the same per chunk wherever they are, and share no state."""
+"""Incremental HiFT (``HiFTStream`` over ``HiFTGenerator.forward_chunk``): chunked pushes
+reproduce the one-shot vocoder, follow upstream's emission schedule, cost the same per chunk
+wherever they are, carry a fixed-shape tensor state, and share no state."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ class ConvWork(TorchFunctionMode):
 @pytest.mark.parametrize("name", [*CHUNKINGS, "random_1_30"])
 def test_chunked_equals_one_shot(hift, mel, full_audio, name):
     sizes = CHUNKINGS.get(name) or random_sizes(mel.shape[2], seed=1)
-    audio = torch.cat(run_stream(hift.stream(), mel, sizes), dim=1)
+    audio = torch.cat(run_stream(HiFTStream(hift), mel, sizes), dim=1)
     assert audio.shape == full_audio.shape  # same total sample count: 480 per mel frame
     assert maxdiff(audio, full_audio) <= STREAM_TOL
 
@@ -105,14 +106,14 @@ def test_chunked_equals_one_shot(hift, mel, full_audio, name):
 @pytest.mark.parametrize("sizes", [[1], [2, 3], [5, 0, 3], [8], [4, 5], [9, 0], [3, 3, 3, 3]])
 def test_short_utterances(hift, mel, sizes):
     m = mel[:, :, : sum(sizes)]
-    audio = torch.cat(run_stream(hift.stream(), m, sizes), dim=1)
+    audio = torch.cat(run_stream(HiFTStream(hift), m, sizes), dim=1)
     assert maxdiff(audio, hift.inference(m, finalize=True)[0]) <= STREAM_TOL
 
 
 def test_emits_what_upstream_nonfinal_emits(hift, mel):
     # after a non-final push with M frames in total: (M - 8) * 480 samples, a prefix of the
     # one-shot non-final pass on those M frames
-    stream, emitted = hift.stream(), []
+    stream, emitted = HiFTStream(hift), []
     for start, n in [(0, 7), (7, 1), (8, 1), (9, 14), (23, 40)]:
         emitted.append(stream.push(mel[:, :, start : start + n]))
         m = start + n
@@ -128,7 +129,7 @@ def test_emits_what_upstream_nonfinal_emits(hift, mel):
 
 def test_upstream_chunks_reproduce_golden_stream(hift, golden):
     g = golden["stream"]
-    stream, outs = hift.stream(), []
+    stream, outs = HiFTStream(hift), []
     for i, chunk in enumerate(g["chunks"]):
         outs.append(stream.push(chunk["mel_kept"], finalize=i == len(g["chunks"]) - 1))
         assert outs[-1].shape[1] == chunk["audio_samples"]
@@ -161,35 +162,61 @@ def test_long_source_is_bit_exact(hift, long_mel):
     # voiced enough that the 9th harmonic's phase reaches well past 1e4 rad
     assert (f0 > 10).float().mean() > 0.5
     assert ((f0 * 9 / 24000) % 1).sum() * 480 * 2 * math.pi > 1e4
-    full = hift.source(f0)[0, 0]  # (720000,)
-    cycles, parts = None, []
+    noise = hift.noise.sine(f0.shape[1] * 480)  # (1, 720000, 9)
+    full, _ = hift.m_source(f0, noise, hift.m_source.initial_state())  # (1, 720000)
+    cycles, parts = hift.m_source.initial_state(), []
     for start in range(0, f0.shape[1], 50):
-        s = F.interpolate(f0[:, None, start : start + 50], scale_factor=480.0, mode="nearest")
-        s, cycles = hift.m_source.excitation(s.transpose(1, 2), hift.noise, start * 480, cycles)
-        parts.append(s[0, :, 0])
-    assert torch.equal(torch.cat(parts), full)
+        rows = noise[:, start * 480 : (start + 50) * 480]
+        s, cycles = hift.m_source(f0[:, start : start + 50], rows, cycles)
+        parts.append(s)
+    assert torch.equal(torch.cat(parts, dim=1), full)
+    # and the vocoder's step (pre-start frames masked) computes the same source
+    assert torch.equal(hift.inference(long_mel, finalize=True)[1][:, 0], full)
 
 
 def test_long_stream_equals_one_shot_at_constant_cost(hift, long_mel):
-    full = hift.inference(long_mel, finalize=True)[0]  # (1, 720000)
-    with ConvWork() as one_chunk:
-        hift.inference(long_mel[:, :, :50], finalize=True)
-    stream, outs, work, decoded = hift.stream(), [], [], []
+    with ConvWork() as one_shot:
+        full = hift.inference(long_mel, finalize=True)[0]  # (1, 720000)
+    stream, outs, work = HiFTStream(hift), [], []
     for i, chunk in enumerate(long_mel.split(50, dim=2)):
-        before = stream.dec_frames
         with ConvWork() as w:
             outs.append(stream.push(chunk, finalize=i == 1500 // 50 - 1))
         work.append(w.macs)
-        decoded.append(stream.dec_frames - before)
     audio = torch.cat(outs, dim=1)
     assert audio.shape == full.shape
     assert maxdiff(audio, full) <= STREAM_TOL
-    # each push decodes its own 50 frames (the first one 43: 7 are lookahead), never the past
-    assert decoded[0] == 43 and set(decoded[1:-1]) == {50} and decoded[-1] == 57
-    # and costs the same wherever it is: chunk 2 == chunk 29 == 50 frames one-shot (upstream's
-    # recompute makes chunk k cost about k times that)
-    assert len(set(work[1:-1])) == 1
-    assert work[1] == pytest.approx(one_chunk.macs, rel=1e-3)
+    # each push costs the same wherever it is (the first one included: its first frames are
+    # the masked ones before the start), and all pushes together do exactly the one-shot
+    # pass's work: nothing is recomputed (upstream's recompute makes chunk k cost about k times
+    # chunk 1)
+    assert len(set(work[:-1])) == 1
+    assert sum(work) == one_shot.macs
+
+
+def test_state_is_fixed_shape_tensors(hift, mel):
+    # what makes the step exportable: the same tensor shapes and dtypes in and out, whatever
+    # the chunk sizes
+    stream = HiFTStream(hift)
+    layout = [(s.shape, s.dtype) for s in stream.state]
+    for start, n in [(0, 1), (1, 7), (8, 50), (58, 3)]:
+        stream.push(mel[:, :, start : start + n])
+        assert [(s.shape, s.dtype) for s in stream.state] == layout
+    assert len(layout) == len(hift.state_names())
+    assert int(stream.state[hift.state_names().index("frames")]) == 61
+
+
+def test_step_is_pluggable(hift, mel, full_audio):
+    calls = []
+
+    def step(mel, noise, state, finalize):
+        calls.append((mel.shape[2], noise.shape[1], finalize))
+        return hift.forward_chunk(mel, noise, state, finalize)
+
+    audio = torch.cat(run_stream(HiFTStream(hift, step=step), mel, [100, 0, 300]), dim=1)
+    assert torch.equal(audio, torch.cat(run_stream(HiFTStream(hift), mel, [100, 300]), dim=1))
+    assert maxdiff(audio, full_audio) <= STREAM_TOL
+    # one step per push with frames (or the last), each with the noise of its source samples
+    assert calls == [(100, 100 * 480, False), (300, 303 * 480, True)]
 
 
 # ---- (d) streams are independent ----
@@ -197,8 +224,8 @@ def test_long_stream_equals_one_shot_at_constant_cost(hift, long_mel):
 
 def test_interleaved_streams_equal_each_alone(hift, mel, long_mel):
     jobs = [(mel, [50] * 8), (long_mel[:, :, :300], random_sizes(300, seed=2))]
-    alone = [run_stream(hift.stream(), m, sizes) for m, sizes in jobs]
-    streams = [hift.stream() for _ in jobs]
+    alone = [run_stream(HiFTStream(hift), m, sizes) for m, sizes in jobs]
+    streams = [HiFTStream(hift) for _ in jobs]
     starts, together = [0, 0], [[], []]
     for step in range(max(len(sizes) for _, sizes in jobs)):
         for j in (1, 0):
@@ -216,7 +243,7 @@ def test_interleaved_streams_equal_each_alone(hift, mel, long_mel):
 
 
 def test_misuse_is_refused(hift, mel):
-    stream = hift.stream()
+    stream = HiFTStream(hift)
     with pytest.raises(ValueError):
         stream.push(torch.zeros(1, 64, 10))
     with pytest.raises(ValueError, match="finalize"):

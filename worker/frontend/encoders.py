@@ -10,10 +10,9 @@ Upstream (``cosyvoice/cli/frontend.py``) runs two ONNX Runtime sessions on CPU:
   fbank minus its per-utterance mean; output ``(1, 192)`` float32.
 
 Both use ``intra_op_num_threads=1`` and ``ORT_ENABLE_ALL`` upstream. Here the thread count is a
-parameter (default 1), ``inter_op_num_threads`` is 1, the CPU execution provider is the only
-one, and each session is built once per process and reused: a module-level cache keyed by
-(kind, resolved path, file size and mtime, threads). A forked child starts with an empty cache
-(ORT sessions are not fork-safe).
+parameter (default 1) and the sessions come from :func:`worker.ort.session`: one inter-op
+thread, the CPU execution provider only, each built once per process and reused (rebuilt when
+the file changes; a forked child starts with an empty cache, as ORT sessions are not fork-safe).
 
 At load, each model's declared inputs and outputs are checked (count, rank, element type, and
 the static feature dim where the file declares one), so a wrong file -- e.g. ``campplus.onnx``
@@ -28,13 +27,13 @@ and the flow's ``spk_projection`` takes.
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from worker import ort
 
 __all__ = [
     "EMBEDDING_DIM",
@@ -66,65 +65,33 @@ class EncoderError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Session cache
-
-_lock = threading.Lock()
-_cache: dict[tuple, Any] = {}
-_cache_pid = os.getpid()
+# Sessions
 
 
 def clear_session_cache() -> None:
     """Drop every cached session (they are freed once no encoder object holds them)."""
-    with _lock:
-        _cache.clear()
-
-
-def _session_options(threads: int) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return opts
+    ort.clear_cache()
 
 
 def _get_session(kind: str, path: str | Path, threads: int, validate) -> tuple[Any, Path]:
-    """The cached session for ``path`` (built and validated on first use) and the resolved path."""
-    global _cache_pid
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    """The cached session for ``path`` (validated) and the resolved path."""
     p = Path(path)
     if not p.is_file():
         raise EncoderError(f"{kind} ONNX file not found: {p}")
     p = p.resolve()
-    st = p.stat()
-    if st.st_size == 0:
+    if p.stat().st_size == 0:
         raise EncoderError(f"{kind} ONNX file is empty (0 bytes): {p}")
-    key = (kind, str(p), st.st_size, st.st_mtime_ns, threads)
-    with _lock:
-        if _cache_pid != os.getpid():  # forked: the parent's sessions are not ours to use
-            _cache.clear()
-            _cache_pid = os.getpid()
-        sess = _cache.get(key)
-        if sess is None:
-            import onnxruntime as ort
-
-            try:
-                sess = ort.InferenceSession(
-                    str(p), sess_options=_session_options(threads),
-                    providers=["CPUExecutionProvider"],
-                )  # fmt: skip
-            except Exception as e:  # InvalidProtobuf, Fail, InvalidGraph, ...
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise EncoderError(
-                    f"cannot load {kind} ONNX file {p}: not a valid ONNX model ({msg})"
-                ) from e
-            validate(sess, p)
-            for old in [k for k in _cache if k[:2] == key[:2] and k[4] == threads]:
-                del _cache[old]  # the file changed on disk since that session was built
-            _cache[key] = sess
+    try:
+        # spin: ORT's default, which these sessions always had (moot at the default 1 thread)
+        sess = ort.session(p, threads, spin=True)
+    except ValueError:  # ``threads``
+        raise
+    except Exception as e:  # InvalidProtobuf, Fail, InvalidGraph, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EncoderError(
+            f"cannot load {kind} ONNX file {p}: not a valid ONNX model ({msg})"
+        ) from e
+    validate(sess, p)
     return sess, p
 
 
