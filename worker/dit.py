@@ -408,6 +408,13 @@ class DiT(nn.Module):
         self.norm_out = AdaLayerNormZeroFinal(cfg.dim)
         self._mod_memo: dict = {}  # see modulations()
         self.proj_out = nn.Linear(cfg.dim, cfg.mel_dim)
+        # bf16 (worker.precision): the Linear weights are stored in bf16 and both forward
+        # paths run under CPU autocast; the residual stream, norms and output stay fp32
+        self.autocast_dtype: torch.dtype | None = None
+
+    def _autocast(self):
+        return torch.autocast("cpu", dtype=self.autocast_dtype or torch.bfloat16,
+                              enabled=self.autocast_dtype is not None)  # fmt: skip
 
     @property
     def cache_dtype(self) -> torch.dtype:
@@ -444,13 +451,14 @@ class DiT(nn.Module):
         streaming: bool = False,
     ) -> torch.Tensor:
         # x, mu, cond: (B, 80, T); mask: (B, 1, T); t: (B,); spks: (B, 80) -> (B, 80, T)
-        h, t_emb = self.embed(x, mu, t, spks, cond)
-        T = h.shape[1]
-        rope = self.rotary_embed.rope(torch.arange(T, device=h.device))  # 2 x (T, dim_head)
-        attn_mask = attention_mask(mask, self.cfg.static_chunk_size if streaming else 0)
-        for block in self.transformer_blocks:
-            h = block(h, t_emb, rope, attn_mask)
-        return self.head(h, t_emb)
+        with self._autocast():
+            h, t_emb = self.embed(x, mu, t, spks, cond)
+            T = h.shape[1]
+            rope = self.rotary_embed.rope(torch.arange(T, device=h.device))  # 2 x (T, dim_head)
+            attn_mask = attention_mask(mask, self.cfg.static_chunk_size if streaming else 0)
+            for block in self.transformer_blocks:
+                h = block(h, t_emb, rope, attn_mask)
+            return self.head(h, t_emb).to(x.dtype)
 
     def forward_segments(
         self,
@@ -472,17 +480,18 @@ class DiT(nn.Module):
         B = x.shape[0]
         if t.ndim == 0:
             t = t.repeat(B)
-        t_emb, mods, final_mod = self.modulations(t)
-        h = self.input_embed.forward_segments(
-            x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), segs
-        )  # (B, sum Tn, D)
-        pos = torch.cat([s.start + torch.arange(s.frames) for s in segs])  # (sum Tn,)
-        rope = self.rotary_embed.rope(pos)  # 2 x (sum Tn, dim_head)
-        block = self.cfg.static_chunk_size
-        for i, blk in enumerate(self.transformer_blocks):
-            h = blk.forward_segments(h, mods[i], rope, segs, i, block, kv_out)
-        scale, shift = final_mod
-        return self.proj_out(modulate(h, shift, scale)).transpose(1, 2)
+        with self._autocast():
+            t_emb, mods, final_mod = self.modulations(t)
+            h = self.input_embed.forward_segments(
+                x.transpose(1, 2), cond.transpose(1, 2), mu.transpose(1, 2), segs
+            )  # (B, sum Tn, D)
+            pos = torch.cat([s.start + torch.arange(s.frames) for s in segs])  # (sum Tn,)
+            rope = self.rotary_embed.rope(pos)  # 2 x (sum Tn, dim_head)
+            block = self.cfg.static_chunk_size
+            for i, blk in enumerate(self.transformer_blocks):
+                h = blk.forward_segments(h, mods[i], rope, segs, i, block, kv_out)
+            scale, shift = final_mod
+            return self.proj_out(modulate(h, shift, scale)).transpose(1, 2).to(x.dtype)
 
     def forward_chunk(
         self,
