@@ -22,15 +22,8 @@ from tests.test_flow_stream import BLOCK_TOKENS, MEL_TOL, run_stream
 from worker import ort
 from worker.dit import Segment
 from worker.flow_stream import FlowStream, run_chunks
-from worker.ort_flow import (
-    ExportError,
-    OrtDiT,
-    dit_onnx_path,
-    export_dir,
-    load_ort_dit,
-    model_fingerprint,
-    optimized_path,
-)
+from worker.ort import ExportError, export_dir, model_fingerprint, optimized_path
+from worker.ort_flow import OrtDiT, dit_onnx_name, dit_onnx_path, load_ort_dit
 
 
 @pytest.fixture(scope="module")
@@ -254,12 +247,18 @@ def test_the_fingerprint_follows_the_weights_and_the_code(tmp_path):
     assert model_fingerprint(w, "code") != base
 
 
+def test_the_name_follows_the_opset(tiny_dir, export, monkeypatch):
+    assert dit_onnx_name(tiny_dir) == export[1].name
+    monkeypatch.setattr("worker.ort_flow.OPSET", 18)
+    assert dit_onnx_name(tiny_dir) != export[1].name
+
+
 def test_the_cli_finds_the_cached_graph(tiny_dir, export, monkeypatch, capsys):
     from tuning.export import main
 
     root, path = export
     monkeypatch.setattr("worker.ort_flow.export_dit_step", None)  # not called: cached
-    assert main(["--model-dir", str(tiny_dir), "--cache-dir", str(root)]) == 0
+    assert main(["--model-dir", str(tiny_dir), "--cache-dir", str(root), "--only", "flow"]) == 0
     out = capsys.readouterr()
     assert out.out == f"flow: {path}\n"
     assert f"flow: using {path}" in out.err

@@ -3,9 +3,11 @@
 
 This file owns the command line and the registry of exporters (:data:`EXPORTERS`): a name
 (the stage) -> a function ``(model_dir, export_dir, progress) -> [paths]`` that returns that
-stage's cached graphs, exporting the missing ones (each stage's module owns its export and its
-cache naming; :func:`worker.ort_flow.cached_export` is the shared cache mechanics). A stage
-whose graphs are cached costs a fingerprint (no model is loaded).
+stage's cached graphs, exporting the missing ones: ``flow`` (the DiT step,
+:func:`worker.ort_flow.dit_onnx_path`) and ``hift`` (the vocoder's step and final graphs,
+:func:`worker.ort_hift.hift_onnx_paths`); all of them by default. Each stage's module owns its
+export and its cache naming; :func:`worker.ort.cached_export` is the shared cache mechanics. A
+stage whose graphs are cached costs a fingerprint (no model is loaded).
 
 Progress lines go to stderr, one ``NAME: PATH`` line per graph to stdout. The export dir
 defaults to ``<COSY_CACHE_DIR>/onnx``, where the worker looks; exit status 1 with the reason
@@ -21,7 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker.hyperyaml import ConfigError
-from worker.ort_flow import ExportError, dit_onnx_path, export_dir
+from worker.ort import ExportError, export_dir
+from worker.ort_flow import dit_onnx_path
+from worker.ort_hift import hift_onnx_paths
 from worker.settings import KnobError, Knobs
 
 Exporter = Callable[[Path, Path, Callable[[str], None]], list[Path]]
@@ -31,7 +35,11 @@ def _flow(model_dir: Path, out: Path, progress: Callable[[str], None]) -> list[P
     return [dit_onnx_path(model_dir, out, progress=progress)]
 
 
-EXPORTERS: dict[str, Exporter] = {"flow": _flow}
+def _hift(model_dir: Path, out: Path, progress: Callable[[str], None]) -> list[Path]:
+    return list(hift_onnx_paths(model_dir, out, progress=progress))
+
+
+EXPORTERS: dict[str, Exporter] = {"flow": _flow, "hift": _hift}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,8 @@
 This file owns the vocoder modules and their one computation, the step
 ``HiFTGenerator.forward_chunk(mel, noise, state, finalize) -> (audio, state)``; the released
 checkpoint layout (``checkpoint_shapes``), its conversion (prefix strip, weight-norm folding, f0
-predictor in float64) and loading; and the step's ONNX export and ONNX Runtime adapter
-(``export_hift_step``, ``OrtHiFTStep``).
+predictor in float64) and loading. The step's ONNX export, its cached graphs and the ONNX
+Runtime adapter are in worker/ort_hift.py (which imports this file, never the reverse).
 
 Pipeline (numbers at official dims; M mel frames):
 
@@ -32,7 +32,8 @@ padding), and the start's reflect paddings (the source STFT's, the last stage's 
 are taken at sample / step 0 wherever it falls; the caller drops the audio before sample 0.
 ``inference`` is one step from the initial state; :class:`worker.hift_stream.HiFTStream` calls
 it chunk by chunk. The fixed sine noise is an input (``chunk_noise``), so the step depends on no
-Python state: it exports to ONNX as it is, one graph per ``finalize`` value.
+Python state: it exports to ONNX as it is, one graph per ``finalize`` value
+(:func:`worker.ort_hift.export_hift_step`).
 
 Numerics. The ops run in upstream's order and layout, so f0 and the source match the reference
 bit for bit on the same CPU. The STFT and iSTFT are convolutions with a DFT basis (ONNX has no
@@ -46,7 +47,6 @@ its first use.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten_with_path, tree_leaves, tree_structure, tree_unflatten
 
-from worker import ort
 from worker.checkpoint import (
     assign_state_dict,
     canonical_weight_norm_keys,
@@ -639,90 +638,3 @@ def load_hift(path: str | Path, cfg: HiFTConfig, noise: FixedNoise) -> HiFTGener
         model = HiFTGenerator(cfg, noise)
     assign_state_dict(model, sd, path)
     return model.requires_grad_(False).eval()
-
-
-# ---- ONNX ----
-
-
-class _StepGraph(nn.Module):
-    """``forward_chunk`` with flat arguments, for the exporter."""
-
-    def __init__(self, model: HiFTGenerator, finalize: bool):
-        super().__init__()
-        self.model, self.finalize = model, finalize
-
-    def forward(self, mel: Tensor, noise: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
-        audio, state = self.model.forward_chunk(mel, noise, state, self.finalize)
-        return (audio, *state)
-
-
-def _elu_any_dtype(g, x, alpha, scale, input_scale):
-    # ONNX Elu has no float64 kernel in ORT's CPU provider (the f0 predictor is float64):
-    # x > 0 ? x : exp(x) - 1
-    if (alpha, scale, input_scale) != (1.0, 1.0, 1.0):
-        raise ValueError("only ELU(alpha=1) is exported")
-    zero, one = (g.op("CastLike", g.op("Constant", value_t=torch.tensor(v)), x) for v in (0.0, 1.0))
-    return g.op("Where", g.op("Greater", x, zero), x, g.op("Sub", g.op("Exp", x), one))
-
-
-def export_hift_step(
-    model: HiFTGenerator,
-    path: str | Path,
-    example_chunk_frames: int = 50,
-    finalize: bool = False,
-    opset: int = 17,
-) -> Path:
-    """Write ``model.forward_chunk(., finalize)`` to ``path`` as an ONNX graph (TorchScript
-    exporter): inputs ``mel`` (1, 80, frames), ``noise`` (1, samples, H) and ``state.<name>``;
-    outputs ``audio`` and ``next.<name>`` (``model.state_names()``). The frame count is a dynamic
-    axis; ``example_chunk_frames`` only sizes the tracing inputs. Export both ``finalize`` values
-    for an :class:`OrtHiFTStep`."""
-    from torch.onnx import register_custom_op_symbolic, unregister_custom_op_symbolic
-    from torch.onnx.symbolic_helper import parse_args
-
-    path = Path(path)
-    mel = torch.zeros(1, model.cfg.in_channels, example_chunk_frames)
-    noise = model.chunk_noise(0, example_chunk_frames, finalize)
-    names = model.state_names()
-    register_custom_op_symbolic("aten::elu", parse_args("v", "f", "f", "f")(_elu_any_dtype), opset)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)  # legacy exporter
-            # reflect padding builds its pads with a reversing Slice, left unfolded: harmless
-            warnings.filterwarnings("ignore", "Constant folding - Only steps=1")
-            torch.onnx.export(
-                _StepGraph(model, finalize),
-                (mel, noise, *model.initial_state()),
-                str(path),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["mel", "noise", *(f"state.{n}" for n in names)],
-                output_names=["audio", *(f"next.{n}" for n in names)],
-                dynamic_axes={"mel": {2: "frames"}, "noise": {1: "samples"}, "audio": {1: "out"}},
-            )
-    finally:
-        unregister_custom_op_symbolic("aten::elu", opset)
-    return path
-
-
-class OrtHiFTStep:
-    """``HiFTGenerator.forward_chunk`` run by ONNX Runtime, same signature (a drop-in ``step``
-    for :class:`worker.hift_stream.HiFTStream`): ``step_path`` / ``final_path`` are the graphs
-    :func:`export_hift_step` wrote with ``finalize`` False / True."""
-
-    def __init__(
-        self, step_path: str | Path, final_path: str | Path, threads: int = 1, spin: bool = False
-    ):
-        self.sessions = {
-            False: ort.session(step_path, threads, spin),
-            True: ort.session(final_path, threads, spin),
-        }
-        self._inputs = {f: [i.name for i in s.get_inputs()] for f, s in self.sessions.items()}
-
-    def __call__(
-        self, mel: Tensor, noise: Tensor, state: tuple[Tensor, ...], finalize: bool = False
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        args = (mel, noise, *state)
-        feeds = {n: a.contiguous().numpy() for n, a in zip(self._inputs[finalize], args)}
-        audio, *state = self.sessions[finalize].run(None, feeds)
-        return torch.from_numpy(audio), tuple(torch.from_numpy(s) for s in state)

@@ -25,7 +25,7 @@ class HiFTStream:
     streaming emits.
 
     Each push is one ``step`` (default ``model.forward_chunk``; any callable with its signature,
-    e.g. :class:`worker.hift.OrtHiFTStep`) on the new frames, which carries every causal
+    e.g. :class:`worker.ort_hift.OrtHiFTStep`) on the new frames, which carries every causal
     dependency in its state tensors, so a push costs what its new frames cost wherever it is in
     the utterance. This class only counts frames, hands each step its slice of the fixed sine
     noise, and drops the samples the step returns from before the utterance start.

@@ -1,4 +1,4 @@
-"""The flow's DiT step in ONNX Runtime: its export, the export cache, and the adapter.
+"""The flow's DiT step in ONNX Runtime: its export, its cached graph, and the adapter.
 
 This file owns:
 
@@ -13,26 +13,22 @@ This file owns:
   the graph), and the block-causal mask is always computed in the graph (one graph serves the
   multi-block first chunk, one-block chunks and the final partial one; for a block-aligned
   one-block chunk it lets every key through). TorchScript exporter, opset 17.
-- :func:`cached_export` / :func:`dit_onnx_path`: exports cached per model fingerprint (the
-  weights file's size, mtime, first and last MiB, the yaml, the torch / onnx versions, the
-  source of the exported code), exported on first use with progress lines, written atomically
-  under a lock; :class:`ExportError` names the directory when it is not writable.
+- :func:`dit_onnx_name` / :func:`dit_onnx_path`: the graph cached per model fingerprint
+  (``flow.pt``, the yaml, the source of worker/dit.py and this file, the opset; the torch /
+  onnx versions), exported on first use through :func:`worker.ort.cached_export`
+  (:class:`worker.ort.ExportError` naming the directory when it cannot be written).
 - :class:`OrtDiT`: ``DiT.forward_segments``'s contract on an ORT session, so
   ``FlowStream(flow, ..., dit=OrtDiT(...))`` and :func:`worker.flow_stream.run_chunks` run it
   unchanged (one session run per segment); :func:`load_ort_dit` builds one for a model dir.
 
-Sessions come from :func:`worker.ort.session` (threads, spinning, optimized-graph cache).
+Sessions come from :func:`worker.ort.load_session` (threads, spinning, the optimized graph
+cached beside the export).
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import logging
 import math
-import os
-import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +40,7 @@ from torch import nn
 from worker import dit as dit_module
 from worker.config import YAML_NAME, DiTConfig
 from worker.dit import POS_CONV_KERNEL, DiT, Segment
+from worker.ort import cached_export, load_session, model_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +51,6 @@ DYNAMIC_AXES = {
     "x": {2: "Tn"}, "mu": {2: "Tn"}, "cond": {2: "Tn"}, "velocity": {2: "Tn"},
     "k_cache": {3: "past"}, "v_cache": {3: "past"}, "k_new": {3: "Tn"}, "v_new": {3: "Tn"},
 }  # fmt: skip
-FINGERPRINT_PROBE = 1 << 20  # bytes hashed at each end of a weights file
-
-
-class ExportError(RuntimeError):
-    """An ONNX export that is missing and cannot be written."""
 
 
 class DiTStep(nn.Module):
@@ -151,71 +143,7 @@ def export_dit_step(dit: DiT, path: str | Path) -> Path:
     return path
 
 
-# ---- the export cache ------------------------------------------------------------------------
-
-
-def model_fingerprint(weights: Path, *extra: str | bytes) -> str:
-    """sha256 of a weights file (name, size, mtime, first and last MiB), the torch and onnx
-    versions and ``extra`` (the code and config an export depends on)."""
-    import onnx
-
-    st = weights.stat()
-    h = hashlib.sha256(f"{weights.name}|{st.st_size}|{st.st_mtime_ns}".encode())
-    with open(weights, "rb") as f:
-        h.update(f.read(FINGERPRINT_PROBE))
-        f.seek(max(st.st_size - FINGERPRINT_PROBE, 0))
-        h.update(f.read(FINGERPRINT_PROBE))
-    h.update(f"torch {torch.__version__} onnx {onnx.__version__} opset {OPSET}".encode())
-    for e in extra:
-        h.update(hashlib.sha256(e.encode() if isinstance(e, str) else e).digest())
-    return h.hexdigest()
-
-
-def cached_export(
-    cache_dir: str | Path,
-    name: str,
-    export: Callable[[Path], object],
-    progress: Callable[[str], None] | None = None,
-) -> Path:
-    """``cache_dir / name``, written by ``export(path)`` first if it is not there (to a temp
-    file renamed into place, under a lock so concurrent starters export once).
-
-    Raises :class:`ExportError` naming ``cache_dir`` when it is missing and not writable."""
-    say = progress or log.info
-    cache_dir = Path(cache_dir)
-    path = cache_dir / name
-    if path.is_file():
-        say(f"using {path}")
-        return path
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(cache_dir / f".{name}.lock", "w")  # held across the export
-    except OSError as e:
-        raise ExportError(
-            f"{name} is not exported yet and the export cache {cache_dir} is not writable "
-            f"({e.strerror or e}): point the cache dir (COSY_CACHE_DIR) at a writable "
-            f"directory, or export there once with python -m tuning.export"
-        ) from e
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if path.is_file():  # another process exported it while we waited
-            return path
-        tmp = cache_dir / f".{name}.{os.getpid()}.tmp"
-        say(f"exporting {name} to {cache_dir} (once per model) ...")
-        t0 = time.monotonic()
-        try:
-            export(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        mb = path.stat().st_size / 2**20
-        say(f"exported {name}: {mb:.0f} MiB in {time.monotonic() - t0:.1f} s")
-    return path
-
-
-def export_dir(cache_dir: str | Path) -> Path:
-    """Where the ONNX exports live in the worker's cache dir (``COSY_CACHE_DIR``)."""
-    return Path(cache_dir) / "onnx"
+# ---- the cached graph ------------------------------------------------------------------------
 
 
 def _export_code() -> bytes:
@@ -227,7 +155,8 @@ def dit_onnx_name(model_dir: str | Path) -> str:
     """The cache file name of ``model_dir``'s DiT step: ``dit-<fingerprint>.onnx``."""
     model_dir = Path(model_dir)
     yaml = (model_dir / YAML_NAME).read_bytes()
-    return f"dit-{model_fingerprint(model_dir / 'flow.pt', yaml, _export_code())[:24]}.onnx"
+    fp = model_fingerprint(model_dir / "flow.pt", yaml, _export_code(), f"opset {OPSET}")
+    return f"dit-{fp[:24]}.onnx"
 
 
 def dit_onnx_path(
@@ -237,7 +166,7 @@ def dit_onnx_path(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """The DiT step of ``model_dir`` as ONNX in ``cache_dir``, exported on first use (from
-    ``dit`` if given, else loaded from ``model_dir``). Raises :class:`ExportError`, or
+    ``dit`` if given, else loaded from ``model_dir``). Raises :class:`worker.ort.ExportError`, or
     ``ConfigError`` for a path that is not a model dir."""
     from worker.model_dir import check_layout
 
@@ -253,20 +182,6 @@ def dit_onnx_path(
         export_dit_step(model, path)
 
     return cached_export(cache_dir, dit_onnx_name(model_dir), export, progress)
-
-
-def optimized_path(onnx_path: Path) -> Path:
-    """Where ``worker.ort.session`` keeps the optimized graph of ``onnx_path``: beside it,
-    keyed by the ORT version and this CPU (its layout optimizations are host specific)."""
-    import onnxruntime
-
-    from worker.host import cpu_facts
-
-    f = cpu_facts()
-    flags = ",".join(k for k, on in sorted(f["isa"].items()) if on)
-    host = f"{f['machine']}|{f['vendor']}|{f['family']}|{f['model']}|{flags}"
-    tag = hashlib.sha256(f"{onnxruntime.__version__}|{host}".encode()).hexdigest()[:12]
-    return onnx_path.with_name(f"{onnx_path.stem}.opt-{tag}.onnx")
 
 
 # ---- the adapter -----------------------------------------------------------------------------
@@ -365,24 +280,10 @@ def load_ort_dit(
     progress: Callable[[str], None] | None = None,
 ) -> OrtDiT:
     """An :class:`OrtDiT` for ``model_dir``: its cached export (made first if missing, from
-    ``dit`` if given) in a session with ``threads`` intra-op threads; the optimized graph is
-    cached beside the export when the cache dir is writable."""
-    from worker import ort
+    ``dit`` if given) in a :func:`worker.ort.load_session` with ``threads`` intra-op threads
+    (the optimized graph cached beside the export when the cache dir allows)."""
     from worker.config import read_model_config
 
     path = dit_onnx_path(model_dir, cache_dir, dit, progress)
     cfg = dit.cfg if dit is not None else read_model_config(model_dir).flow.dit
-    optimized = optimized_path(path)
-    usable = optimized.is_file() and optimized.stat().st_mtime_ns >= path.stat().st_mtime_ns
-    if not usable and not _writable(path.parent):
-        optimized = None  # a read-only cache without it: optimize in memory at every start
-    return OrtDiT(ort.session(path, threads, spin, optimized), cfg)
-
-
-def _writable(directory: Path) -> bool:
-    """Whether a file can be created in ``directory`` (tried: access(2) says yes to root)."""
-    try:
-        with tempfile.TemporaryFile(dir=directory):
-            return True
-    except OSError:
-        return False
+    return OrtDiT(load_session(path, threads, spin), cfg)
