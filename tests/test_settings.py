@@ -11,7 +11,8 @@ import pytest
 
 import worker.settings as knobs_mod
 from tuning.cpu import ISA_FLAGS
-from worker.settings import KNOWN_VARS, KnobError, Knobs, auto_precision
+from worker.settings import KNOWN_VARS, KnobError, Knobs
+from worker.stages.build import run_config
 
 HOST_CPUS = (0, 1, 2, 3, 4, 5, 6, 7)
 
@@ -101,7 +102,16 @@ def test_knobs_are_frozen():
         ("COSY_FLOW_STEPS", "100", "flow_steps", 100),
         ("COSY_PRECISION", "exact", "precision", "exact"),
         ("COSY_PRECISION", "AUTO", "precision", "auto"),
+        ("COSY_PRECISION", "exact", "preset", "exact"),  # the older name of COSY_PRESET
+        ("COSY_PRESET", "fast", "preset", "fast"),
         ("COSY_LLM_PRECISION", "fp32", "llm_precision", "fp32"),
+        ("COSY_LLM_PRECISION", "int8", "llm_precision", "int8"),
+        ("COSY_FLOW_PRECISION", "BF16", "flow_precision", "bf16"),
+        ("COSY_FLOW_BACKEND", "ort", "flow_backend", "ort"),
+        ("COSY_HIFT_BACKEND", "torch", "hift_backend", "torch"),
+        ("COSY_LLM_COMPILE", "1", "llm_compile", "1"),
+        ("COSY_LLM_COMPILE", "off", "llm_compile", "0"),
+        ("COSY_COMPILE", "1", "llm_compile", "1"),  # the older name
         ("COSY_FLOW_PRECISION", "auto", "flow_precision", "auto"),
         ("COSY_HIFT_PRECISION", "fp32", "hift_precision", "fp32"),
         ("COSY_MAX_BATCH", "32", "max_batch", 32),
@@ -162,18 +172,19 @@ def test_pinned_stage_defaults_to_one_thread_per_cpu():
         ("COSY_HOP_TOKENS", "-25", "positive multiple of 25"),
         ("COSY_FLOW_STEPS", "0", "1..100"),
         ("COSY_FLOW_STEPS", "101", "1..100"),
-        ("COSY_PRECISION", "fp32", "auto, exact"),
-        ("COSY_LLM_PRECISION", "fp16", "auto, fp32"),
-        ("COSY_FLOW_PRECISION", "int4", "auto, fp32"),
-        ("COSY_FLOW_PRECISION", "bf16", "not implemented yet"),
-        ("COSY_LLM_PRECISION", "int8", "not implemented yet"),
-        ("COSY_HIFT_PRECISION", "int8", "not implemented yet"),
+        ("COSY_PRECISION", "fp32", "auto, exact, fast"),
+        ("COSY_PRESET", "quick", "auto, exact, fast"),
+        ("COSY_LLM_PRECISION", "fp8", "auto, fp32, bf16, fp16, int8"),
+        ("COSY_FLOW_PRECISION", "int4", "auto, fp32, bf16"),
+        ("COSY_FLOW_PRECISION", "fp16", "not implemented for the flow stage"),
+        ("COSY_HIFT_PRECISION", "int8", "not implemented for the hift stage"),
+        ("COSY_FLOW_BACKEND", "onnx", "auto, torch, ort"),
+        ("COSY_LLM_COMPILE", "maybe", "auto, 1 or 0"),
         ("COSY_MAX_BATCH", "0", "1..4096"),
         ("COSY_MAX_SEQ", "lots", "1..1048576"),
         ("COSY_CACHE_MAX_MB", "0", "> 0"),
         ("COSY_CACHE_MAX_MB", "nan", "> 0"),
         ("COSY_COMPILE", "2", "0 or 1"),
-        ("COSY_COMPILE", "1", "not implemented yet"),
         ("COSY_BIND", "127.0.0.1:5555", "tcp://HOST:PORT"),
         ("COSY_BIND", "tcp://127.0.0.1:99999", "tcp://HOST:PORT"),
         ("COSY_CPUS", "9", "not usable: 9"),
@@ -235,7 +246,10 @@ def test_other_owned_cosy_variables_are_not_typos(monkeypatch):
 
 
 def test_known_vars_cover_every_field():
-    assert len(KNOWN_VARS) == 32
+    assert len(KNOWN_VARS) == 36
+    assert {"COSY_PRESET", "COSY_LLM_COMPILE", "COSY_FLOW_BACKEND", "COSY_HIFT_BACKEND"} <= set(
+        KNOWN_VARS
+    )
     assert "COSY_PROMPT_KV_MB" in KNOWN_VARS
     assert "COSY_FRONTEND_CPUS" in KNOWN_VARS and "COSY_FROM_ENVIRONMENT" not in KNOWN_VARS
 
@@ -243,30 +257,66 @@ def test_known_vars_cover_every_field():
 # --- precision policy -------------------------------------------------------------------------
 
 
+def _no_measuring(stage, candidates):
+    raise AssertionError(f"measured {stage}: the policy should not have needed to")
+
+
+def _knobs(tmp_path, env=None) -> Knobs:
+    return Knobs.from_env({"COSY_CACHE_DIR": str(tmp_path), **(env or {})})
+
+
 @pytest.mark.parametrize("stage", ["llm", "flow", "hift"])
-def test_avx2_only_host_is_fp32_never_bf16(stage):
-    assert auto_precision(stage, AVX2_ONLY) == "fp32"
-    assert Knobs.from_env({}).resolve_precision(stage, AVX2_ONLY) == "fp32"
+def test_avx2_only_host_is_fp32_never_bf16(tmp_path, stage):
+    k = _knobs(tmp_path)
+    assert k.resolve_precision(stage, AVX2_ONLY, measure=_no_measuring) == "fp32"
+    assert k.resolve_precision(stage, {}, measure=_no_measuring) == "fp32"  # facts unknown
 
 
-def test_empty_facts_mean_fp32():
-    assert all(auto_precision(s, {}) == "fp32" for s in ("llm", "flow", "hift"))
+def test_auto_takes_bf16_for_the_dit_where_it_measures_faster(tmp_path):
+    k = _knobs(tmp_path)
+    faster = lambda stage, cands: {"fp32": 1.0, "bf16": 0.4}  # noqa: E731
+    slower = lambda stage, cands: {"fp32": 1.0, "bf16": 1.4}  # noqa: E731
+    assert k.resolve_precision("flow", AVX512_BF16, measure=faster) == "bf16"
+    assert _knobs(tmp_path / "b").resolve_precision("flow", AMX, measure=slower) == "fp32"
+    assert k.resolve_precision("hift", AMX, measure=_no_measuring) == "fp32"  # vocoder
 
 
-def test_every_host_runs_fp32_until_bf16_and_int8_land():
-    k = Knobs.from_env({})
-    for facts in (AVX2_ONLY, AVX512_BF16, AMX):
-        assert [k.resolve_precision(s, facts) for s in ("llm", "flow", "hift")] == ["fp32"] * 3
+def test_explicit_bf16_on_a_cpu_without_it_is_refused(tmp_path):
+    k = _knobs(tmp_path, {"COSY_FLOW_PRECISION": "bf16"})
+    with pytest.raises(KnobError, match="no native bf16"):
+        k.resolve_precision("flow", AVX2_ONLY)
+    assert k.resolve_precision("flow", AVX512_BF16) == "bf16"
 
 
-def test_exact_preset_is_fp32_even_on_amx():
-    k = Knobs.from_env({"COSY_PRECISION": "exact"})
-    assert [k.resolve_precision(s, AMX) for s in ("llm", "flow", "hift")] == ["fp32"] * 3
+def test_exact_preset_is_fp32_torch_eager_even_on_amx(tmp_path):
+    for env in ({"COSY_PRESET": "exact"}, {"COSY_PRECISION": "exact"}):
+        k = _knobs(tmp_path, env)
+        r = run_config(k, AMX)
+        assert r == {"llm_precision": "fp32", "flow_precision": "fp32", "hift_precision": "fp32",
+                     "flow_backend": "torch", "hift_backend": "torch", "llm_compile": False,
+                     "preset": "exact"}  # fmt: skip
 
 
-def test_explicit_settings_are_honoured():
-    k = Knobs.from_env({"COSY_LLM_PRECISION": "fp32"})
-    assert k.resolve_precision("llm", AMX) == "fp32"
+def test_stage_knobs_override_the_preset(tmp_path):
+    k = _knobs(tmp_path, {"COSY_PRESET": "exact", "COSY_LLM_PRECISION": "int8",
+                          "COSY_FLOW_BACKEND": "ort", "COSY_LLM_COMPILE": "1"})  # fmt: skip
+    r = run_config(k, AVX2_ONLY)
+    assert (r["llm_precision"], r["flow_precision"], r["flow_backend"]) == ("int8", "fp32", "ort")
+    assert r["llm_compile"] is True and r["preset"] == "exact"
+
+
+def test_an_ort_flow_runs_fp32(tmp_path):
+    k = _knobs(tmp_path, {"COSY_FLOW_BACKEND": "ort"})
+    assert run_config(k, AMX, stages=("flow",))["flow_precision"] == "fp32"  # auto: no measuring
+    k = _knobs(tmp_path, {"COSY_FLOW_BACKEND": "ort", "COSY_FLOW_PRECISION": "bf16"})
+    with pytest.raises(KnobError, match="the ORT graph runs fp32"):
+        run_config(k, AMX, stages=("flow",))
+
+
+def test_older_names_that_contradict_the_new_ones_are_refused():
+    assert "the same knob" in error_for({"COSY_PRECISION": "exact", "COSY_PRESET": "fast"})
+    assert "the same knob" in error_for({"COSY_COMPILE": "1", "COSY_LLM_COMPILE": "0"})
+    assert Knobs.from_env({"COSY_PRECISION": "fast", "COSY_PRESET": "fast"}).preset == "fast"
 
 
 def test_unknown_stage_is_refused():
@@ -279,14 +329,15 @@ def test_unknown_stage_is_refused():
 # --- describe / apply_threads -----------------------------------------------------------------
 
 
-def test_describe_is_json_ready():
-    k = Knobs.from_env({"COSY_LLM_CPUS": "0-3,7", "COSY_CACHE_DIR": "/tmp/c"})
+def test_describe_is_json_ready(tmp_path):
+    k = Knobs.from_env({"COSY_LLM_CPUS": "0-3,7", "COSY_CACHE_DIR": str(tmp_path),
+                        "COSY_PRESET": "exact"})  # fmt: skip
     d = k.describe(AMX)
     assert json.loads(json.dumps(d)) == d
-    assert d["llm_cpus"] == "0-3,7" and d["cache_dir"] == "/tmp/c" and d["llm_threads"] == 5
-    assert d["resolved_precision"] == {"llm": "fp32", "flow": "fp32", "hift": "fp32"}
-    assert d["from_environment"] == ["COSY_CACHE_DIR", "COSY_LLM_CPUS"]
-    assert "resolved_precision" not in k.describe()
+    assert d["llm_cpus"] == "0-3,7" and d["cache_dir"] == str(tmp_path) and d["llm_threads"] == 5
+    assert d["resolved"]["flow_precision"] == "fp32" and d["resolved"]["preset"] == "exact"
+    assert d["from_environment"] == ["COSY_CACHE_DIR", "COSY_LLM_CPUS", "COSY_PRESET"]
+    assert "resolved" not in k.describe()
 
 
 def test_apply_threads_sets_torch_threads_and_affinity():

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from tests.conftest import max_abs
-
 from worker.model_dir import load_model_dir
 from worker.ordering import SegmentOrder
 from worker.request import TTSRequest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,13 +13,14 @@ from tests.conftest import REPO
 from tuning.random_model import write_model_dir
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "worker.verify", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -47,6 +49,25 @@ def test_verify_passes_on_fixture(fixture_json):
         assert by[name]["status"] == "PASS", by[name]
         assert by[name]["max_abs"] <= by[name]["tol"]
     assert {r["status"] for r in results} <= {"PASS", "SKIP"}
+    assert out["config"] == {  # no preset set: verify runs exact
+        "llm_precision": "fp32", "flow_precision": "fp32", "hift_precision": "fp32",
+        "flow_backend": "torch", "hift_backend": "torch", "llm_compile": False, "preset": "exact",
+    }  # fmt: skip
+
+
+def test_verify_passes_with_the_ort_backends(tiny_dir, tmp_path):
+    """COSY_FLOW_BACKEND=ort COSY_HIFT_BACKEND=ort: the streamed outputs also go through the
+    ORT steps (exported into the cache dir on first use) and meet the fp32 tolerances."""
+    env = {"COSY_FLOW_BACKEND": "ort", "COSY_HIFT_BACKEND": "ort", "COSY_CACHE_DIR": str(tmp_path)}
+    p = _run(str(tiny_dir), str(tiny_dir / "golden.pt"), "--json", "--strict", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert (out["config"]["flow_backend"], out["config"]["hift_backend"]) == ("ort", "ort")
+    by = {r["name"]: r for r in out["results"]}
+    for name in ("flow.mel_streaming_finalize[ort]", "dit.out_streaming_true[ort]",
+                 "hift.audio_finalize[ort]", "hift.audio_nonfinal[ort]"):  # fmt: skip
+        assert by[name]["status"] == "PASS" and by[name]["max_abs"] <= by[name]["tol"], by[name]
+    assert list((tmp_path / "onnx").glob("dit-*.onnx")) and list((tmp_path / "onnx").glob("hift-*"))
 
 
 def test_strict_passes_with_no_skip(fixture_json, tiny_dir):

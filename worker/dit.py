@@ -297,8 +297,9 @@ class Attention(nn.Module):
         kv_out: list | None = None,
     ) -> torch.Tensor:
         """x (B, sum Tn, D) the segments' new frames packed along time, rope (cos, sin)
-        (sum Tn, dim_head) -> (B, sum Tn, D). Each segment attends over its own layer-``layer`` cache
-        extended by its new K/V (appended to ``kv_out`` as (B, H, sum Tn, Dh) when given)."""
+        (sum Tn, dim_head) -> (B, sum Tn, D). Each segment attends over its own
+        layer-``layer`` cache extended by its new K/V (appended to ``kv_out`` as
+        (B, H, sum Tn, Dh) when given)."""
         B, T, _ = x.shape
         q, k, v = (a.view(B, T, self.heads, -1).transpose(1, 2) for a in self.project(x, rope))
         if kv_out is not None:  # (B, H, sum Tn, Dh)

@@ -23,13 +23,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from worker.model_dir import CosyVoice3Models
+from worker.model_dir import STAGES, CosyVoice3Models
 from worker.ordering import SegmentOrder
 from worker.request import STRATEGIES, RequestError, TTSRequest
-from worker.settings import Knobs
-from worker.stages.flow import FlowCore
-from worker.stages.hift import HiFTCore
-from worker.stages.llm import LLMCore
+from worker.settings import BACKEND_STAGES, Knobs
+from worker.stages import build
 from worker.stages.messages import Abort, Audio, Credit, Failed, Message, Start
 
 RECENT = 1000  # finished requests kept in EngineStats.recent
@@ -100,11 +98,15 @@ class Engine:
         k = self.knobs
         self.models = models
         self.sample_rate = models.config.sample_rate
-        self.llm = LLMCore(models.llm, max_batch or k.max_batch, max_seq or k.max_seq,
-                           k.hop_tokens, models.config.flow.pre_lookahead_len)  # fmt: skip
-        self.flow = FlowCore(models.flow, k.hop_tokens, k.flow_steps, k.prompt_kv_mb, k.flow_batch,
-                             prefix_ahead=False)  # one process: prompt blocks + first hop at once
-        self.hift = HiFTCore(models.hift)
+        # the models come loaded in their precision; backends and compile from the knobs
+        self.config = {f"{s}_precision": models.precision.get(s, "fp32") for s in STAGES}
+        self.config.update({f"{s}_backend": k.resolve_backend(s) for s in BACKEND_STAGES})
+        self.config.update(llm_compile=k.resolve_compile(), preset=k.preset)
+        sized = replace(k, max_batch=max_batch or k.max_batch, max_seq=max_seq or k.max_seq)
+        self.llm = build.llm_core(models, sized, self.config)
+        # one process: a new voice's prompt blocks run in its first chunk's call
+        self.flow = build.flow_core(models, k, self.config, prefix_ahead=False)
+        self.hift = build.hift_core(models, k, self.config)
         self.tracks: dict[str, _Track] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()

@@ -67,7 +67,8 @@ class StepCache:
         try:
             return cls(*args, capacity, dtype)
         except RuntimeError as e:  # e.g. vm.overcommit_memory=2
-            log.warning("flow K/V reservation of %d frames refused (%s); growing by copy", capacity, e)
+            log.warning("flow K/V reservation of %d frames refused (%s): grows by copy",
+                        capacity, e)
             return cls(*args, fallback, dtype)
 
     @property

@@ -8,7 +8,8 @@ two copies of the weights. The fixed noises are replayed for the config's dims.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from worker.config import QWEN_DIR, YAML_NAME, ModelConfig, read_model_config
@@ -29,6 +30,8 @@ class CosyVoice3Models:
     llm: CosyVoice3LM | None
     flow: Flow | None
     hift: HiFTGenerator | None
+    model_dir: Path | None = None
+    precision: dict[str, str] = field(default_factory=dict)  # stage -> what it was loaded in
 
 
 def check_layout(model_dir: Path) -> None:
@@ -42,8 +45,14 @@ def check_layout(model_dir: Path) -> None:
         )
 
 
-def load_model_dir(model_dir: str | Path, stages: tuple[str, ...] = STAGES) -> CosyVoice3Models:
-    """Load the requested stages of a model dir (all three by default)."""
+def load_model_dir(
+    model_dir: str | Path,
+    stages: tuple[str, ...] = STAGES,
+    precision: Mapping[str, str] | None = None,
+) -> CosyVoice3Models:
+    """Load the requested stages of a model dir (all three by default), each in the
+    precision ``precision[stage]`` (default fp32: the weights as released) via
+    :func:`worker.precision.apply_precision`."""
     model_dir = Path(model_dir)
     check_layout(model_dir)
     unknown = set(stages) - set(STAGES)
@@ -51,10 +60,20 @@ def load_model_dir(model_dir: str | Path, stages: tuple[str, ...] = STAGES) -> C
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
     cfg = read_model_config(model_dir)
     noise = fixed_noise_for(cfg)
-    return CosyVoice3Models(
+    models = CosyVoice3Models(
         config=cfg,
         noise=noise,
         llm=load_llm(model_dir / "llm.pt", cfg.llm) if "llm" in stages else None,
         flow=load_flow(model_dir / "flow.pt", cfg.flow, noise) if "flow" in stages else None,
         hift=load_hift(model_dir / "hift.pt", cfg.hift, noise) if "hift" in stages else None,
+        model_dir=model_dir,
+        precision={stage: "fp32" for stage in stages},
     )
+    if precision:
+        from worker.precision import apply_precision
+
+        for stage in stages:
+            p = precision.get(stage, "fp32")
+            apply_precision(getattr(models, stage), stage, p)
+            models.precision[stage] = p
+    return models

@@ -14,13 +14,18 @@ a stray ``COSY_*`` in the environment changes no test.
 | ``COSY_HOP_TOKENS`` | speech tokens per streamed hop, multiple of 25 | 25 |
 | ``COSY_FLOW_STEPS`` | Euler steps of the flow ODE, 1..100 | 10 |
 | ``COSY_FLOW_BATCH`` | requests whose ready flow chunks run as one packed DiT call, 1..64 | 4 |
-| ``COSY_PRECISION`` | preset: ``auto`` (per-host policy) or ``exact`` (fp32 everywhere) | auto |
-| ``COSY_{LLM,FLOW,HIFT}_PRECISION`` | ``auto`` or ``fp32`` (bf16/int8: not yet) | auto |
+| ``COSY_PRESET`` | ``exact`` (fp32 torch eager: upstream), ``fast`` / ``auto``: per host | auto |
+| ``COSY_PRECISION`` | the older name of ``COSY_PRESET`` | auto |
+| ``COSY_LLM_PRECISION`` | ``auto``, ``fp32``, ``bf16``, ``fp16``, ``int8`` (weights) | auto |
+| ``COSY_FLOW_PRECISION`` | ``auto``, ``fp32``, ``bf16`` | auto |
+| ``COSY_HIFT_PRECISION`` | ``auto``, ``fp32`` (``auto`` = fp32) | auto |
+| ``COSY_LLM_COMPILE`` | ``torch.compile`` of the LLM: ``auto``, 1, 0 | auto (= 0) |
+| ``COSY_{FLOW,HIFT}_BACKEND`` | ``auto``, ``torch``, ``ort`` | auto |
 | ``COSY_MAX_BATCH`` | concurrent LLM sequences (KV cache slots) | 8 |
 | ``COSY_MAX_SEQ`` | KV cache positions per sequence | 4096 |
 | ``COSY_CACHE_DIR`` | prompt cache directory | ``~/.cache/cosyvoice-worker`` |
 | ``COSY_CACHE_MAX_MB`` | prompt cache size cap, MiB (``inf``: no cap) | 2048 |
-| ``COSY_COMPILE`` | ``torch.compile``: only 0 today (1 is refused: not implemented yet) | 0 |
+| ``COSY_COMPILE`` | the older name of ``COSY_LLM_COMPILE`` (1 or 0) | 0 |
 | ``COSY_LOG_LEVEL`` | DEBUG, INFO, WARNING, ERROR, CRITICAL | INFO |
 | ``COSY_MODEL_DIR`` | model dir for ``run.sh serve`` / the server | none |
 | ``COSY_BIND`` | ROUTER address, ``tcp://host:port`` or ``ipc://path`` | tcp://127.0.0.1:5555 |
@@ -36,9 +41,11 @@ a stray ``COSY_*`` in the environment changes no test.
 Default threads: a stage pinned with ``COSY_<STAGE>_CPUS`` gets one thread per pinned CPU;
 otherwise every stage gets all usable CPUs (affinity mask, capped by a cgroup CPU quota).
 
-Precision: :meth:`Knobs.resolve_precision` turns ``auto`` into a concrete dtype for this host
-(see :func:`auto_precision`); an explicit setting is honoured, except bf16 on a CPU without
-native bf16, which is refused. ``apply_threads(stage)`` is the first thing a stage process does.
+Precision: :meth:`Knobs.resolve_precision` turns ``auto`` into a concrete precision for this
+host (:mod:`worker.autotune`: ISA, then a short measurement cached per host); a stage's own
+knob overrides the preset; bf16 on a CPU without native bf16 is refused.
+:func:`worker.stages.build.run_config` is the whole configuration that runs.
+``apply_threads(stage)`` is the first thing a stage process does.
 """
 
 from __future__ import annotations
@@ -59,14 +66,23 @@ from worker.host import (
     usable_cpus,
 )
 
+log = logging.getLogger(__name__)
+
 PREFIX = "COSY_"
 THREAD_STAGES = ("llm", "flow", "hift", "frontend")
 PRECISION_STAGES = ("llm", "flow", "hift")
-PRECISIONS = ("auto", "fp32")  # bf16 / int8 come with the speed work (not implemented yet)
-NOT_YET = {"bf16", "int8"}
-STAGE_PRECISIONS = {"llm": PRECISIONS, "flow": PRECISIONS, "hift": PRECISIONS}
+# what each stage implements (worker/precision.py); a value another stage has is refused
+# with the list of this stage's
+STAGE_PRECISIONS = {
+    "llm": ("auto", "fp32", "bf16", "fp16", "int8"),
+    "flow": ("auto", "fp32", "bf16"),
+    "hift": ("auto", "fp32"),
+}
+ALL_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+BACKEND_STAGES = ("flow", "hift")
+BACKENDS = ("auto", "torch", "ort")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
-PRESETS = ("auto", "exact")
+PRESETS = ("auto", "exact", "fast")
 HOP_UNIT = 25  # speech tokens per 50-frame DiT attention block
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DEFAULT_CACHE_DIR = "~/.cache/cosyvoice-worker"
@@ -121,14 +137,13 @@ def _hop_tokens(text: str) -> int:
     return value
 
 
-def _choice(options: tuple[str, ...], not_yet: frozenset[str] = frozenset()) -> Callable:
+def _choice(options: tuple[str, ...], elsewhere: tuple[str, ...] = (), why: str = "") -> Callable:
+    """One of ``options`` (case-insensitive); a value in ``elsewhere`` gets ``why``."""
+
     def parse(text: str) -> str:
         value = text.lower()
-        if value in not_yet:
-            raise _Invalid(
-                "one of " + ", ".join(options) + f" ({value!r} is not implemented yet: "
-                "every stage runs fp32 today)"
-            )
+        if value in elsewhere and value not in options:
+            raise _Invalid("one of " + ", ".join(options) + f" ({value!r}: {why})")
         if value not in options:
             raise _Invalid("one of " + ", ".join(options))
         return value
@@ -151,10 +166,14 @@ def _positive_float(allow_inf: bool = False) -> Callable[[str], float]:
     return parse
 
 
-def _compile(text: str) -> bool:
-    if _flag(text):
-        raise _Invalid("0 (torch.compile is not implemented yet: the stages run eager)")
-    return False
+def _auto_flag(text: str) -> str:
+    """auto, or a boolean as "1" / "0"."""
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return "1" if _flag(text) else "0"
+    except _Invalid:
+        raise _Invalid("auto, 1 or 0") from None
 
 
 def _bind(text: str) -> str:
@@ -230,17 +249,21 @@ class Knobs:
     frontend_cpus: tuple[int, ...] | None = None
     hop_tokens: int = 25
     flow_steps: int = 10
-    precision: str = "auto"
+    precision: str = "auto"  # COSY_PRECISION: the preset's older name (same values)
+    preset: str = "auto"  # exact: fp32 + torch eager everywhere; fast / auto: per-host choice
     llm_precision: str = "auto"
     flow_precision: str = "auto"
     hift_precision: str = "auto"
+    llm_compile: str = "auto"  # "auto" | "1" | "0"
+    flow_backend: str = "auto"
+    hift_backend: str = "auto"
     max_batch: int = 8
     max_seq: int = 4096
     cache_dir: Path = field(default_factory=lambda: Path(DEFAULT_CACHE_DIR).expanduser())
     cache_max_mb: float = 2048.0  # math.inf: no cap
     prompt_kv_mb: int = 2048  # in-memory per-speaker flow K/V of prompt-only DiT blocks; 0 = off
     flow_batch: int = 4  # requests whose ready flow chunks run as one packed DiT call
-    compile: bool = False
+    compile: bool = False  # COSY_COMPILE: the older name of COSY_LLM_COMPILE=1
     log_level: str = "INFO"
     # the service (worker/server.py, run.sh serve)
     model_dir: Path | None = None
@@ -269,13 +292,15 @@ class Knobs:
             "hop_tokens": _hop_tokens,
             "flow_steps": _int_in(1, 100),
             "precision": _choice(PRESETS),
+            "preset": _choice(PRESETS),
+            "llm_compile": _auto_flag,
             "max_batch": _int_in(1, 4096),
             "max_seq": _int_in(1, 1 << 20),
             "cache_dir": _cache_dir,
             "cache_max_mb": _positive_float(allow_inf=True),
             "prompt_kv_mb": _int_in(0),
             "flow_batch": _int_in(1, 64),
-            "compile": _compile,
+            "compile": _flag,
             "log_level": _log_level,
             "model_dir": _dir_path,
             "bind": _bind,
@@ -292,7 +317,11 @@ class Knobs:
             parsers[f"{stage}_threads"] = _int_in(1, MAX_THREADS)
             parsers[f"{stage}_cpus"] = _cpus(usable)
         for stage in PRECISION_STAGES:
-            parsers[f"{stage}_precision"] = _choice(STAGE_PRECISIONS[stage], frozenset(NOT_YET))
+            parsers[f"{stage}_precision"] = _choice(
+                STAGE_PRECISIONS[stage], ALL_PRECISIONS, f"not implemented for the {stage} stage"
+            )
+        for stage in BACKEND_STAGES:
+            parsers[f"{stage}_backend"] = _choice(BACKENDS)
 
         problems: list[str] = []
         values: dict[str, Any] = {}
@@ -314,19 +343,23 @@ class Knobs:
                 f"{var} is not a known variable{hint}; known: {', '.join(sorted(known))}"
             )
 
-        if values.get("precision") == "exact":
-            for stage in PRECISION_STAGES:
-                chosen = values.get(f"{stage}_precision", "auto")
-                if chosen not in ("auto", "fp32"):
-                    var = env_var(f"{stage}_precision")
-                    problems.append(
-                        f"{var}={env[var]!r} contradicts COSY_PRECISION='exact' "
-                        "(fp32 everywhere): expected fp32 or auto, or unset COSY_PRECISION"
-                    )
+        given = tuple(sorted(env_var(name) for name in values))
+        # the older names: COSY_PRECISION is COSY_PRESET, COSY_COMPILE=1 is COSY_LLM_COMPILE=1
+        if "precision" in values and "preset" in values and values["precision"] != values["preset"]:
+            problems.append(f"COSY_PRECISION={env['COSY_PRECISION']!r} contradicts COSY_PRESET="
+                            f"{env['COSY_PRESET']!r} (the same knob): set one")  # fmt: skip
+        values.setdefault("preset", values.get("precision", "auto"))
+        values["precision"] = values["preset"]
+        if values.get("compile") and values.get("llm_compile") == "0":
+            problems.append(
+                "COSY_COMPILE=1 contradicts COSY_LLM_COMPILE=0 (the same knob): set one"
+            )
+        if values.get("compile"):
+            values.setdefault("llm_compile", "1")
         if problems:
             raise KnobError(problems)
 
-        set_vars = tuple(sorted(env_var(name) for name in values))
+        set_vars = given
         # Default thread plan: a stage pinned to CPUs uses one thread per pinned CPU; otherwise
         # every stage may use every usable CPU (right in-process, where stages take turns).
         default_threads = _default_threads(usable)
@@ -345,20 +378,47 @@ class Knobs:
         """CPUs ``stage`` is pinned to, ``None`` to inherit the parent's affinity."""
         return getattr(self, f"{_check_stage(stage, THREAD_STAGES)}_cpus")
 
-    def resolve_precision(self, stage: str, cpu_facts: Mapping[str, Any]) -> str:
-        """The dtype ``stage`` runs in on the host ``cpu_facts`` describes.
-
-        Every stage runs fp32 today: ``auto`` resolves through :func:`auto_precision` (fp32
-        everywhere until bf16 / int8 land with the speed work) and the parser refuses
-        ``bf16`` / ``int8`` as "not implemented yet".
+    def resolve_precision(
+        self, stage: str, cpu_facts: Mapping[str, Any], measure: Callable | None = None
+    ) -> str:
+        """The precision ``stage`` runs in on the host ``cpu_facts`` describes: the stage's
+        own knob if set; else fp32 under the ``exact`` preset; else the per-host ``auto``
+        choice (:func:`worker.autotune.choose`: never bf16 without native bf16, otherwise the
+        fastest at the stage's shapes, measured once per host; ``measure`` injects timings).
+        An explicit bf16 on a CPU without native bf16 is refused (emulated: many times slower).
         """
+        from worker.autotune import choose
+        from worker.host import has_native_bf16
+
         stage = _check_stage(stage, PRECISION_STAGES)
-        if self.precision == "exact":
-            return "fp32"
         chosen = getattr(self, f"{stage}_precision")
-        if chosen == "auto":
-            return auto_precision(stage, cpu_facts)
-        return chosen
+        if chosen == "bf16" and not has_native_bf16(cpu_facts):
+            raise KnobError([f"{env_var(stage + '_precision')}=bf16: this CPU has no native "
+                             "bf16 (AVX512_BF16 or AMX); it would be emulated, many times "
+                             "slower than fp32"])  # fmt: skip
+        if chosen != "auto":
+            return chosen
+        if self.preset == "exact":
+            return "fp32"
+        kwargs = {} if measure is None else {"measure": measure}
+        c = choose(stage, cpu_facts, cache=self.cache_dir / "autotune.json",
+                   threads=self.threads(stage), **kwargs)  # fmt: skip
+        log.info("%s precision auto -> %s: %s", stage, c.precision, c.why)
+        return c.precision
+
+    def resolve_backend(self, stage: str) -> str:
+        """``torch`` or ``ort`` for ``stage`` (flow, hift): its knob if set; ``exact`` and
+        ``auto`` run torch until a measurement on this host says ORT is faster (the stage
+        measures both at start-up where an export exists: :mod:`worker.ort_flow`)."""
+        chosen = getattr(self, f"{_check_stage(stage, BACKEND_STAGES)}_backend")
+        return "torch" if chosen == "auto" else chosen
+
+    def resolve_compile(self) -> bool:
+        """Whether the LLM runs under ``torch.compile``: its knob if set; off under ``exact``;
+        ``auto``: off (measured slower than eager on the hosts seen so far: see README)."""
+        if self.llm_compile != "auto":
+            return self.llm_compile == "1"
+        return False
 
     def describe(self, cpu_facts: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """JSON-ready dict of every knob, for logs and benchmark reports.
@@ -376,9 +436,9 @@ class Knobs:
                 value = list(value)
             out[f.name] = value
         if cpu_facts is not None:
-            out["resolved_precision"] = {
-                stage: self.resolve_precision(stage, cpu_facts) for stage in PRECISION_STAGES
-            }
+            from worker.stages.build import run_config
+
+            out["resolved"] = run_config(self, cpu_facts)
         return out
 
     def to_env(self) -> dict[str, str]:
@@ -417,17 +477,6 @@ class Knobs:
             "threads": torch.get_num_threads(),
             "cpus": format_cpu_list(usable_cpus()),
         }
-
-
-def auto_precision(stage: str, cpu_facts: Mapping[str, Any]) -> str:
-    """The ``auto`` policy of design.md, for what is implemented today: fp32 for every stage.
-
-    bf16 and int8 are not implemented yet; when they land, ``auto`` will choose per stage
-    from the detected ISA and a measurement (never bf16 without native support: AVX2-only
-    hosts emulate it many times slower), behind the fidelity gate.
-    """
-    _check_stage(stage, PRECISION_STAGES)
-    return "fp32"
 
 
 # ---------------------------------------------------------------------------------------------

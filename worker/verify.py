@@ -7,6 +7,13 @@ its tolerance (default 1e-4 for float outputs; integer outputs — token ids, sc
 equal). Groups the project does not cover yet are listed as SKIP (``--strict`` fails on them).
 Exit status: 0 when everything passes, 1 on any FAIL (or SKIP with ``--strict``), 2 when the
 model dir or golden file cannot be read.
+
+It runs the configuration the ``COSY_*`` knobs give (:func:`worker.stages.build.run_config`),
+with the ``exact`` preset unless ``COSY_PRESET`` says otherwise: per-stage precision knobs
+apply, and with ``COSY_FLOW_BACKEND=ort`` / ``COSY_HIFT_BACKEND=ort`` the streamed outputs are
+also computed by the ORT steps (``[ort]`` rows: the block-causal mel and DiT output, the
+vocoder's audio), against the same goldens and tolerances. ``--json`` names the configuration
+under ``"config"``.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +31,10 @@ from torch import Tensor
 from worker.checkpoint import CheckpointError
 from worker.config import QWEN_DIR
 from worker.hyperyaml import ConfigError
-from worker.model_dir import CosyVoice3Models, load_model_dir
+from worker.model_dir import CosyVoice3Models
 from worker.reference import reference_stream
+from worker.settings import Knobs
+from worker.stages import build
 from worker.stages.llm import decode_tokens, length_bounds
 
 DEFAULT_TOL = 1e-4
@@ -264,12 +273,63 @@ GROUPS: dict[str, Callable | None] = {
 NOT_OUTPUTS = {"meta"}
 
 
+def check_flow_ort(m: CosyVoice3Models, g: dict, c: Checker, dit) -> None:
+    """The block-causal mel through ``FlowStream`` on the ORT DiT step (all tokens at once)."""
+    from worker.flow_stream import FlowStream
+
+    stream = FlowStream(m.flow, g["prompt_token"].long(), g["prompt_feat"], g["embedding"], dit=dit)
+    mel = stream.push(g["token"], finalize=True)
+    c.close("flow.mel_streaming_finalize[ort]", mel, g["mel_streaming_finalize"])
+
+
+def check_dit_ort(m: CosyVoice3Models, g: dict, c: Checker, dit) -> None:
+    """The block-causal DiT output as two incremental ORT steps (a block, then the rest)."""
+    from worker.dit import Segment
+
+    d = m.flow.decoder.estimator.cfg
+    k = v = torch.zeros(d.depth, 2, d.heads, 0, d.dim_head)
+    ctx, outs, T = torch.zeros(2, 2, d.dim, 30), [], g["x"].shape[2]
+    for a, b in ((0, min(d.static_chunk_size, T)), (min(d.static_chunk_size, T), T)):
+        if b <= a:
+            continue
+        seg = Segment(a, b - a, g["spks"], k, v, ctx, in_place=False)
+        kv: list = []
+        x, mu, cond = (g[n][:, :, a:b] for n in ("x", "mu", "cond"))
+        outs.append(dit.forward_segments(x, mu, cond, g["t"], [seg], kv_out=kv))
+        k = torch.cat((k, torch.stack([kk for kk, _ in kv])), dim=3)
+        v = torch.cat((v, torch.stack([vv for _, vv in kv])), dim=3)
+        ctx = seg.conv_ctx_out
+    c.close("dit.out_streaming_true[ort]", torch.cat(outs, dim=2), g["out_streaming_true"])
+
+
+def check_hift_ort(m: CosyVoice3Models, g: dict, c: Checker, step) -> None:
+    """The vocoder's audio through ``HiFTStream`` on the ORT step (the whole mel at once)."""
+    from worker.hift_stream import HiFTStream
+
+    for finalize, key in ((True, "audio_finalize"), (False, "audio_nonfinal")):
+        audio = HiFTStream(m.hift, step=step).push(g["mel"], finalize=finalize)
+        c.close(f"hift.{key}[ort]", audio, g[key])
+
+
+def verify_config(knobs: Knobs | None = None) -> tuple[Knobs, dict]:
+    """What verify runs: the knobs' configuration, ``exact`` unless a preset is set."""
+    knobs = knobs or Knobs.from_env()
+    if not {"COSY_PRESET", "COSY_PRECISION"} & set(knobs.from_environment):
+        knobs = replace(knobs, preset="exact", precision="exact")
+    return knobs, build.run_config(knobs)
+
+
 @torch.inference_mode()
 def verify(
-    model_dir: str | Path, golden_path: str | Path, tol: float = DEFAULT_TOL
-) -> list[Result]:
+    model_dir: str | Path,
+    golden_path: str | Path,
+    tol: float = DEFAULT_TOL,
+    knobs: Knobs | None = None,
+) -> tuple[list[Result], dict]:
+    """-> (results, the configuration that ran)."""
     golden = torch.load(golden_path, map_location="cpu", weights_only=True)
-    models = load_model_dir(model_dir)
+    knobs, config = verify_config(knobs)
+    models = build.load_models(model_dir, ("llm", "flow", "hift"), config)
     c = Checker(tol)
     for group, data in golden.items():
         if group in NOT_OUTPUTS or not isinstance(data, dict):
@@ -283,7 +343,14 @@ def verify(
             fn(models, data, c, Path(model_dir))
         else:
             fn(models, data, c)
-    return c.results
+    if config["flow_backend"] == "ort":
+        dit = build.flow_core(models, knobs, config).dit
+        for group, fn in (("flow", check_flow_ort), ("dit", check_dit_ort)):
+            if group in golden:
+                fn(models, golden[group], c, dit)
+    if config["hift_backend"] == "ort" and "hift" in golden:
+        check_hift_ort(models, golden["hift"], c, build.hift_core(models, knobs, config).step_fn)
+    return c.results, config
 
 
 def _fmt(x: float | None) -> str:
@@ -303,19 +370,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        results = verify(args.model_dir, args.golden_pt, args.tol)
+        results, config = verify(args.model_dir, args.golden_pt, args.tol)
     except (ConfigError, CheckpointError, OSError, RuntimeError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     bad = [r for r in results if r.status == "FAIL" or (args.strict and r.status == "SKIP")]
     if args.json:
-        print(json.dumps({"results": [asdict(r) for r in results]}, indent=1))
+        print(json.dumps({"config": config, "results": [asdict(r) for r in results]}, indent=1))
     else:
         w = max(len(r.name) for r in results)
         print(f"{'output':<{w}}  {'max_abs':>9}  {'mean_abs':>9}  {'tol':>7}  status")
         for r in results:
             cells = f"{_fmt(r.max_abs):>9}  {_fmt(r.mean_abs):>9}  {_fmt(r.tol):>7}"
             print(f"{r.name:<{w}}  {cells}  {r.status}")
+        print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()))
         n = {s: sum(r.status == s for r in results) for s in ("PASS", "FAIL", "SKIP")}
         print(f"{n['PASS']} passed, {n['FAIL']} failed, {n['SKIP']} skipped")
     return 1 if bad else 0

@@ -56,10 +56,12 @@ class FlowCore:
         prompt_kv_mb: int = 0,
         max_batch: int = 4,
         prefix_ahead: bool = True,
+        dit=None,  # the DiT step (worker.ort_flow.OrtDiT for the ORT backend); None: torch
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.flow = flow
+        self.dit = dit or flow.decoder.estimator
         self.max_batch = max_batch
         # run a new voice's prompt-only blocks before its first hop's tokens are there: a
         # gain where the LLM decodes meanwhile on other cycles (its own process); in one
@@ -93,7 +95,8 @@ class FlowCore:
             stream = RecomputeFlow(self.flow, prompt, feat, req.embedding, hop, self.n_steps)
         else:
             stream = FlowStream(self.flow, prompt, feat, req.embedding, hop,
-                                prompt_store=self.prompt_kv, n_steps=self.n_steps)  # fmt: skip
+                                prompt_store=self.prompt_kv, n_steps=self.n_steps,
+                                dit=self.dit)  # fmt: skip
         return _FlowRequest(stream)
 
     def handle(self, msg: Message) -> list[Message]:
@@ -210,7 +213,7 @@ class FlowCore:
         cfg = self.flow.cfg
         stream = FlowStream(self.flow, torch.zeros(1, 0, dtype=torch.long),
                             torch.zeros(1, 0, cfg.output_size), torch.zeros(1, cfg.spk_embed_dim),
-                            self.block, n_steps=self.n_steps)  # fmt: skip
+                            self.block, n_steps=self.n_steps, dit=self.dit)  # fmt: skip
         stream.feed(torch.zeros(1, self.block + cfg.pre_lookahead_len, dtype=torch.long))
         stream.next_chunk()
 

@@ -1,7 +1,9 @@
 """The HiFT stage core: Start and mel chunks in, audio chunks out.
 
 One vocoder stream per request: :class:`worker.hift_stream.HiFTStream` (``incremental``:
-carried causal state) or :class:`worker.reference.RecomputeHiFT` (``recompute``). Each mel
+carried causal state; its step is the torch generator's ``forward_chunk`` or, with the ORT
+backend, :class:`worker.ort_hift.OrtHiFTStep`) or :class:`worker.reference.RecomputeHiFT`
+(``recompute``). Each mel
 chunk becomes exactly one audio chunk, in order (chunks are never merged, so the output does
 not depend on how the stages were scheduled).
 """
@@ -33,8 +35,9 @@ class _HiFTRequest:
 class HiFTCore:
     name = "hift"
 
-    def __init__(self, hift: HiFTGenerator):
+    def __init__(self, hift: HiFTGenerator, step=None):
         self.hift = hift
+        self.step_fn = step  # None: the generator's own forward_chunk
         self.reqs: dict[str, _HiFTRequest] = {}
         self.busy_s = 0.0
         self.chunks = 0
@@ -45,7 +48,7 @@ class HiFTCore:
                 if msg.req.strategy == "recompute":
                     stream = RecomputeHiFT(self.hift)
                 else:
-                    stream = HiFTStream(self.hift)
+                    stream = HiFTStream(self.hift, step=self.step_fn)
             except Exception as e:  # noqa: BLE001 - one request's failure stays its own
                 log.exception("hift: start of %s failed", msg.rid)
                 return [Failed(msg.rid, "internal", f"hift start failed: {e}")]

@@ -61,23 +61,15 @@ def rss_mb() -> tuple[float, float]:
 
 
 def build_core(stage: str, model_dir: str | Path, knobs: Knobs):
-    """Load ``stage``'s weights only and wrap them in its core."""
-    from worker.model_dir import load_model_dir
+    """Load ``stage``'s weights only, in the precision this host resolves for it, and wrap
+    them in its core with its backend (:mod:`worker.stages.build`)."""
+    from worker.stages import build
 
-    models = load_model_dir(model_dir, stages=(stage,))
-    if stage == "llm":
-        from worker.stages.llm import LLMCore
-
-        return LLMCore(models.llm, knobs.max_batch, knobs.max_seq, knobs.hop_tokens,
-                       models.config.flow.pre_lookahead_len)  # fmt: skip
-    if stage == "flow":
-        from worker.stages.flow import FlowCore
-
-        return FlowCore(models.flow, knobs.hop_tokens, knobs.flow_steps, knobs.prompt_kv_mb,
-                        knobs.flow_batch)  # fmt: skip
-    from worker.stages.hift import HiFTCore
-
-    return HiFTCore(models.hift)
+    config = build.run_config(knobs, stages=(stage,))
+    log.info("%s: running %s", stage, {k: v for k, v in config.items()
+                                       if k.startswith(stage) or k == "preset"})  # fmt: skip
+    models = build.load_models(model_dir, (stage,), config)
+    return getattr(build, f"{stage}_core")(models, knobs, config)
 
 
 class StageProcess:
