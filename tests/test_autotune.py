@@ -17,10 +17,13 @@ def _never(stage, candidates):
     raise AssertionError(f"measured {stage} {candidates}")
 
 
-@pytest.mark.parametrize("stage", ["llm", "flow"])
-def test_no_bf16_without_native_support_and_nothing_measured(stage):
-    c = choose(stage, AVX2, measure=_never)
+def test_no_bf16_without_native_support():
+    c = choose("flow", AVX2, measure=_never)  # fp32 is the only flow candidate left
     assert c.precision == "fp32" and "no native bf16" in c.why
+    seen = []
+    bf16_fastest = lambda s, cands: seen.append(cands) or {p: 1.0 for p in cands} | {"bf16": 0.1}  # noqa: E731
+    assert choose("llm", AVX2, measure=bf16_fastest).precision != "bf16"
+    assert "bf16" not in seen[0]
 
 
 @pytest.mark.parametrize("facts", [ZEN4, AMX], ids=["avx512_bf16", "amx"])
@@ -60,10 +63,21 @@ def test_measurement_is_cached_per_host(tmp_path):
 def test_unreadable_cache_is_remeasured(tmp_path):
     cache = tmp_path / "autotune.json"
     cache.write_text("{not json")
-    c = choose("llm", ZEN4, measure=lambda s, cands: {"fp32": 1.0, "bf16": 2.0}, cache=cache)
+    c = choose("llm", ZEN4, measure=lambda s, cands: dict.fromkeys(cands, 2.0) | {"fp32": 1.0},
+               cache=cache)  # fmt: skip
     assert c.precision == "fp32" and json.loads(cache.read_text())  # rewritten
 
 
-def test_measure_stage_times_every_candidate():
-    out = measure_stage("llm", ("fp32", "bf16"), budget_s=0.01)
-    assert set(out) == {"fp32", "bf16"} and all(v > 0 for v in out.values())
+def test_measure_stage_times_every_candidate_with_its_kernel():
+    out = measure_stage("llm", ("fp32", "bf16", "fp16", "int8"), budget_s=0.01)
+    assert set(out) == {"fp32", "bf16", "fp16", "int8"} and all(v > 0 for v in out.values())
+    assert set(measure_stage("flow", ("fp32", "bf16"), budget_s=0.01)) == {"fp32", "bf16"}
+
+
+def test_llm_candidates_include_narrow_weights():
+    seen = []
+    choose("llm", ZEN4, measure=lambda s, cands: seen.append(cands) or dict.fromkeys(cands, 1.0))
+    assert set(seen[0]) >= {"fp32", "bf16", "int8"}  # fp16 too where FBGEMM exists
+    seen.clear()
+    choose("llm", AVX2, measure=lambda s, cands: seen.append(cands) or dict.fromkeys(cands, 1.0))
+    assert "bf16" not in seen[0] and "int8" in seen[0]

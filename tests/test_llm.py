@@ -127,3 +127,19 @@ def test_skinny_linear_matches_f_linear():
     assert (lin(four) - F.linear(four, lin.weight, lin.bias)).abs().max() <= 1e-5
     nobias = Linear(64, 96, bias=False)
     assert (nobias(four) - F.linear(four, nobias.weight)).abs().max() <= 1e-5
+
+
+@torch.inference_mode()
+def test_explicit_kv_len_is_the_default_bit_for_bit(llm, golden):
+    """Passing ``kv_len`` (no host sync: what compiled callers do) changes nothing."""
+    x = golden["llm"]["lm_input"]
+    L = x.shape[1]
+    pos = torch.arange(L)[None]
+    a = llm(x, pos, torch.tensor([1]))
+    assert torch.equal(llm(x, pos, torch.tensor([1]), L), a)
+    emb = llm.speech_embedding(torch.tensor([17, 4000]))[:, None]  # (2, 1, D)
+    pos = torch.tensor([[L], [L]])
+    b = llm(emb, pos)
+    assert torch.equal(llm(emb, pos, None, L + 1), b)
+    with pytest.raises(ValueError, match="exceeds the cache"):
+        llm(emb, pos, None, llm.cache.max_seq + 1)

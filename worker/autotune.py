@@ -3,10 +3,11 @@
 Policy (design.md, "Precision and backends"):
 - never bf16 without native bf16 (AVX512_BF16 or AMX): AVX2-only hosts emulate it many
   times slower, so it is not even measured there;
-- among the remaining candidates of a stage, the one whose GEMMs at *that stage's shapes*
-  (rows per call included: the DiT's M = 100 rows per chunk, k chunks when batched; the LLM
-  decode's one row per sequence) run fastest on this host: on an AVX512_BF16 host without AMX
-  bf16 loses to fp32 at M = 100 and wins at M >= 400, on AMX it wins everywhere;
+- among the remaining candidates of a stage (LLM: fp32, bf16, fp16, int8 weights; flow: fp32,
+  bf16), the one whose Linear layers at *that stage's shapes*, with the kernels
+  :mod:`worker.precision` installs, run fastest on this host (rows per call included: the
+  DiT's M = 100 rows per chunk; the LLM decode's one row per sequence, where the bytes of
+  weights read decide);
 - the vocoder stays fp32 (the most quantization-sensitive part) unless chosen explicitly.
 
 The measurement takes about a second per candidate and is cached per host (CPU model, ISA
@@ -41,7 +42,7 @@ STAGE_SHAPES: dict[str, tuple[tuple[int, int, int], ...]] = {
 }
 # what ``auto`` may pick per stage (order: preference on a tie)
 CANDIDATES: dict[str, tuple[str, ...]] = {
-    "llm": ("fp32", "bf16"),
+    "llm": ("fp32", "bf16", "fp16", "int8"),  # decode streams weights: fewer bytes, if fast
     "flow": ("fp32", "bf16"),
     "hift": ("fp32",),
 }
@@ -65,27 +66,47 @@ def host_key(facts: Mapping[str, Any], threads: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _linear(precision: str, k: int, n: int, stage: str, g):
+    """A (k -> n) Linear as ``stage`` runs it in ``precision`` -> (module, input dtype,
+    autocast): the kernels :mod:`worker.precision` installs."""
+    import torch
+    from torch import nn
+
+    from worker.precision import Fp16Linear, Int8Linear
+
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * k**-0.5)
+    if precision == "fp16":
+        return Fp16Linear(lin), torch.float32, False
+    if precision == "int8":
+        return Int8Linear(lin), torch.float32, False
+    if precision == "bf16":
+        lin = lin.to(torch.bfloat16)
+        # the DiT runs bf16 weights under autocast from fp32 activations; the LLM all bf16
+        return (lin, torch.float32, True) if stage == "flow" else (lin, torch.bfloat16, False)
+    return lin, torch.float32, False
+
+
 def measure_stage(stage: str, precisions: tuple[str, ...], rows: int = 1,
                   budget_s: float = 1.0) -> dict[str, float]:  # fmt: skip
-    """Median seconds of one pass over the stage's GEMM shapes (M scaled by ``rows``) in each
-    precision, interleaved so host noise hits all alike."""
+    """Median seconds of one pass over the stage's Linear shapes (M scaled by ``rows``) with
+    each precision's own kernels, interleaved so host noise hits all alike."""
     import torch
-    import torch.nn.functional as F
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     g = torch.Generator().manual_seed(0)
-    ops: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    ops = {}
     for p in precisions:
-        ops[p] = [
-            (torch.randn(m * rows, k, generator=g).to(dtypes[p]),
-             torch.randn(n, k, generator=g).to(dtypes[p]))
-            for m, k, n in STAGE_SHAPES[stage]
-        ]  # fmt: skip
+        ops[p] = []
+        for m, k, n in STAGE_SHAPES[stage]:
+            mod, dtype, autocast = _linear(p, k, n, stage, g)
+            ops[p].append((mod, torch.randn(m * rows, k, generator=g).to(dtype), autocast))
 
     def one(p: str) -> float:
         t0 = time.perf_counter()
-        for a, w in ops[p]:
-            F.linear(a, w)
+        for mod, x, autocast in ops[p]:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                mod(x)
         return time.perf_counter() - t0
 
     times: dict[str, list[float]] = {p: [] for p in precisions}
@@ -108,7 +129,8 @@ def choose(
 ) -> Choice:
     """The ``auto`` precision of ``stage`` on the host ``facts`` describes (see module doc)."""
     candidates = tuple(
-        p for p in CANDIDATES[stage] if p != "bf16" or has_native_bf16(facts)
+        p for p in CANDIDATES[stage]
+        if (p != "bf16" or has_native_bf16(facts)) and (p != "fp16" or _has_fbgemm())
     )
     if len(candidates) == 1:
         if stage == "hift":
@@ -127,6 +149,13 @@ def choose(
     detail = ", ".join(f"{p} {seconds[p] * 1e3:.2f} ms" for p in candidates)
     why = f"{best} is fastest at the {stage} stage's GEMM shapes ({detail}; {source})"
     return Choice(stage, best, why, seconds)
+
+
+def _has_fbgemm() -> bool:
+    """fp16-packed Linear needs FBGEMM (x86 builds of torch)."""
+    import torch
+
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def _read_cache(path: Path | None) -> dict[str, dict[str, float]]:

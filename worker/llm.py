@@ -11,6 +11,14 @@ The cache is an object of its own, owned by whoever decodes (the LLM stage core 
 two users of the same weights never share or re-allocate each other's cache. The decode loop
 and the length policy live in :mod:`worker.stages.llm`.
 
+``forward`` is compile-friendly when the caller passes ``kv_len`` (a host int it knows from its
+own positions): no tensor is read back to the host, the mask is a slice of the cache's fixed
+position table, and every shape is a function of (B, T, kv_len) only, so ``torch.compile`` with
+dynamic shapes traces a decoder block once per shape class, never per position or length
+(:mod:`worker.compile`).
+Precision transforms (bf16 / int8 ...) live in :mod:`worker.precision`; the cache takes the
+model's activation dtype (:attr:`CosyVoice3LM.dtype`).
+
 The Qwen2 text ``lm_head`` (151,936 x 896) is never loaded or computed: only the speech head
 (``llm_decoder``, 6761 logits) is. Checkpoint keys ``llm.model.model.*`` map onto this module
 1:1 minus the prefix; ``llm.model.lm_head.weight`` stays untouched in the mmap.
@@ -38,17 +46,19 @@ class Linear(nn.Linear):
     """``nn.Linear`` whose batched-decode matmuls (2..16 rows) run as ``W @ x.T``: on CPU that
     picks a weight-streaming kernel (~3x the GB/s of ``F.linear``'s small-M GEMM measured on
     AVX-512), so B concurrent sequences cost about one weight read. One row (single-sequence
-    decode, what upstream runs) and prefill keep ``F.linear``, bit for bit."""
+    decode, what upstream runs) and prefill keep ``F.linear``, bit for bit. Only fp32: with
+    bf16 weights ``F.linear`` is the faster of the two (4 rows x 24 MLP matrices: 29 vs 42 ms
+    on AVX512_BF16 without AMX)."""
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
-        if 1 < rows <= SKINNY_ROWS and x.dtype == self.weight.dtype:
+        if 1 < rows <= SKINNY_ROWS and x.dtype == self.weight.dtype == torch.float32:
             x2 = x.reshape(rows, x.shape[-1]).t()  # (in, rows)
             if self.bias is None:
                 y = self.weight @ x2
             else:
                 y = torch.addmm(self.bias[:, None], self.weight, x2)
-            return y.t().reshape(*x.shape[:-1], self.weight.shape[0])
+            return y.t().contiguous().reshape(*x.shape[:-1], self.weight.shape[0])  # (.., out)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -61,7 +71,9 @@ def _embedding(n: int, dim: int) -> nn.Embedding:
 class KVCache(nn.Module):
     def __init__(self, max_batch: int, n_kv: int, max_seq: int, head_dim: int, dtype: torch.dtype):
         super().__init__()
-        shape = (max_batch, n_kv, max_seq, head_dim)
+        # One spare position: no kv_len equals the buffer length, so a slice's contiguity never
+        # depends on kv_len (a compiled graph would specialize on it).
+        shape = (max_batch, n_kv, max_seq + 1, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
@@ -94,6 +106,7 @@ class LLMCache:
         freqs = torch.outer(torch.arange(max_seq, dtype=torch.float32), inv_freq)  # (S, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
         self.rope_cos, self.rope_sin = emb.cos(), emb.sin()
+        self.positions = torch.arange(max_seq)  # (S,): masks are slices of it
 
     @property
     def nbytes(self) -> int:
@@ -191,9 +204,15 @@ class CosyVoice3LM(nn.Module):
         self.llm_decoder = Linear(q.hidden_size, cfg.num_speech_logits, bias=False)
         self.cache: LLMCache | None = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype (hidden states, K/V): the embeddings' dtype, which every precision
+        transform keeps in step with the activations (:mod:`worker.precision`)."""
+        return self.speech_embedding.weight.dtype
+
     def new_cache(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None) -> LLMCache:
         """A static cache of ``max_batch`` slots x ``max_seq`` positions for this model."""
-        return LLMCache(self.cfg, max_batch, max_seq, dtype or self.llm_decoder.weight.dtype)
+        return LLMCache(self.cfg, max_batch, max_seq, dtype or self.dtype)
 
     def setup_caches(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
         """Give the model a default cache (used when ``forward`` gets no ``cache``): for
@@ -229,21 +248,22 @@ class CosyVoice3LM(nn.Module):
         embeds: Tensor,  # (B, T, D)
         input_pos: Tensor,  # (B, T) absolute positions
         slots: Tensor | None = None,  # (B,) cache rows; None = rows 0..B-1
-        kv_len: int | None = None,  # attend over cache[:kv_len]; default max position + 1
+        kv_len: int | None = None,  # attend over cache[:kv_len] (> every position in input_pos)
         cache: LLMCache | None = None,  # default: the one setup_caches() made
     ) -> Tensor:
-        """Hidden states after the final norm, (B, T, D)."""
+        """Hidden states after the final norm, (B, T, D). Pass ``kv_len`` to keep the step free
+        of host syncs (compiled code must); without it, it is read from ``input_pos``."""
         cache = cache or self.cache
         if cache is None:
             raise RuntimeError("no KV cache: pass cache=model.new_cache(...) or setup_caches()")
         if kv_len is None:
-            kv_len = int(input_pos.max()) + 1
+            kv_len = int(input_pos.max()) + 1  # host sync: eager convenience only
         if kv_len > cache.max_seq:
             raise ValueError(f"sequence of {kv_len} positions exceeds the cache ({cache.max_seq})")
         cos = cache.rope_cos[input_pos].unsqueeze(1).to(embeds.dtype)  # (B, 1, T, hd)
         sin = cache.rope_sin[input_pos].unsqueeze(1).to(embeds.dtype)
-        mask = torch.arange(kv_len)[None, None, :] <= input_pos[:, :, None]  # (B, T, S)
-        mask = mask.unsqueeze(1)
+        mask = cache.positions[:kv_len] <= input_pos[:, :, None]  # (B, T, S)
+        mask = mask.unsqueeze(1)  # (B, 1, T, S)
         x = embeds
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             x = layer(x, cos, sin, mask, input_pos, slots, kv_len, kv)

@@ -95,7 +95,7 @@ class LLMBatcher:
         self.seqs[rid] = seq
         try:
             t0 = time.perf_counter()
-            hidden = self.llm(lm_input, torch.arange(L)[None], torch.tensor([seq.slot]),
+            hidden = self.llm(lm_input, torch.arange(L)[None], torch.tensor([seq.slot]), L,
                               cache=self.cache)  # fmt: skip
             self.prefill_s += time.perf_counter() - t0
             seq.pos = L
@@ -131,7 +131,8 @@ class LLMBatcher:
         slots = torch.tensor([s.slot for s in seqs])
         if torch.equal(slots, torch.arange(len(seqs))):
             slots = None  # rows 0..B-1: attend over cache views, no gather
-        return self.llm.logp(self.llm(emb, pos, slots, cache=self.cache)[:, -1])  # (B, V)
+        kv_len = max(s.pos for s in seqs) + 1  # a host int: no tensor read back
+        return self.llm.logp(self.llm(emb, pos, slots, kv_len, cache=self.cache)[:, -1])  # (B, V)
 
     def step(
         self, rids: list[str] | None = None
