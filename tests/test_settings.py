@@ -265,11 +265,24 @@ def _knobs(tmp_path, env=None) -> Knobs:
     return Knobs.from_env({"COSY_CACHE_DIR": str(tmp_path), **(env or {})})
 
 
-@pytest.mark.parametrize("stage", ["llm", "flow", "hift"])
+@pytest.mark.parametrize("stage", ["flow", "hift"])
 def test_avx2_only_host_is_fp32_never_bf16(tmp_path, stage):
     k = _knobs(tmp_path)
     assert k.resolve_precision(stage, AVX2_ONLY, measure=_no_measuring) == "fp32"
     assert k.resolve_precision(stage, {}, measure=_no_measuring) == "fp32"  # facts unknown
+
+
+def test_llm_auto_never_tries_bf16_without_it_and_ranks_down_to_fp32(tmp_path):
+    k = _knobs(tmp_path)
+    seen = []
+
+    def measure(stage, cands):  # bf16 would be fastest, were it tried
+        seen.append(cands)
+        times = {"fp32": 3.0, "fp16": 1.0, "int8": 0.9, "bf16": 0.1}
+        return {p: times[p] for p in cands}
+
+    ranking = k.precision_ranking("llm", AVX2_ONLY, measure=measure)
+    assert "bf16" not in seen[0] and ranking == ["int8", "fp16", "fp32"]
 
 
 def test_auto_takes_bf16_for_the_dit_where_it_measures_faster(tmp_path):

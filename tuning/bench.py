@@ -27,10 +27,10 @@ from tuning.cpu import cpu_facts, measure_limits
 from tuning.results import default_out
 from worker.config import ModelConfig
 from worker.engine import Engine
-from worker.model_dir import load_model_dir
 from worker.noise import max_audio_seconds
 from worker.request import TTSRequest
-from worker.settings import Knobs
+from worker.settings import KnobError, Knobs
+from worker.stages.build import flow_core, hift_core, load_models, run_config
 from worker.stages.flow import FlowCore
 from worker.stages.hift import HiFTCore
 from worker.stages.llm import LLMBatcher
@@ -55,11 +55,11 @@ def _peak_rss_mb() -> float:
 
 
 def llm_weight_bytes(models) -> int:
-    """Bytes streamed per decode step: every layer + final norm + speech head."""
-    llm = models.llm
-    n = sum(p.numel() * p.element_size() for p in llm.layers.parameters())
-    n += llm.norm.weight.numel() * llm.norm.weight.element_size()
-    return n + llm.llm_decoder.weight.numel() * llm.llm_decoder.weight.element_size()
+    """Bytes streamed per decode step (every layer + final norm + speech head), in the
+    precision the LLM was loaded in."""
+    from worker.precision import weight_bytes
+
+    return weight_bytes(models.llm)
 
 
 def dit_flops(cfg: ModelConfig, new_frames: int, ctx_frames: int) -> float:
@@ -306,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="every run uses one voice: runs after the first reuse its prompt blocks",
     )
+    ap.add_argument("--preset", default="exact", choices=("exact", "fast", "auto"),
+                    help="the configuration to time (default exact: fp32 torch eager)")
+    ap.add_argument("--knob", action="append", default=[], metavar="COSY_X=V",
+                    help="a knob on top of the preset, e.g. COSY_FLOW_PRECISION=bf16")
     ap.add_argument("--no-whole", dest="whole", action="store_false",
                     help="skip the whole-utterance DiT call (the per-chunk efficiency reference)")
     ap.add_argument("--service", action="store_true",
@@ -315,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="report (default: .cache/results/bench-<time>.json)")
     ap.add_argument("--plot", help="PNG of cost vs audio (default: next to the JSON)")
     args = ap.parse_args(argv)
+    bad = [kv for kv in args.knob if not kv.startswith("COSY_") or "=" not in kv]
+    if bad:
+        ap.error(f"--knob {bad[0]!r}: expected COSY_NAME=VALUE")
     stages = set(args.stages.split(","))
     if not stages <= {"llm", "flow", "hift"} or not stages:
         ap.error(f"--stages: choose from llm,flow,hift (got {args.stages})")
@@ -351,21 +358,27 @@ def main(argv: list[str] | None = None) -> int:
               f"fp32 GEMM {_fmt(lim.get('gemm_fp32_gflops'), 0)} GFLOP/s, "
               f"bf16 GEMM {_fmt(lim.get('gemm_bf16_gflops'), 0)} GFLOP/s", flush=True)  # fmt: skip
 
-    t0 = time.perf_counter()
-    models = load_model_dir(model_dir, stages=tuple(sorted(stages)))
-    host["load_s"] = time.perf_counter() - t0
-    check_seconds(models, seconds, stages, ap)
     # bench settings are explicit (a stray COSY_* in the environment changes nothing here);
     # the prompt K/V store is on only with --same-voice, so every other run is a new voice
-    knobs = Knobs.from_env({"COSY_PROMPT_KV_MB": "2048" if args.same_voice else "0"})
+    env = {"COSY_PROMPT_KV_MB": "2048" if args.same_voice else "0", "COSY_PRESET": args.preset}
+    env.update(kv.split("=", 1) for kv in args.knob)
+    try:
+        knobs = Knobs.from_env(env)
+        config = run_config(knobs, host["cpu"], stages=tuple(sorted(stages)))
+    except KnobError as e:
+        ap.error(str(e))
+    t0 = time.perf_counter()
+    models = load_models(model_dir, tuple(sorted(stages)), config, knobs, host["cpu"])
+    host["load_s"] = time.perf_counter() - t0
+    host["config"] = config  # after the fidelity gate
+    print("config: " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
+    check_seconds(models, seconds, stages, ap)
     engine = cores = None
     if stages == {"llm", "flow", "hift"}:
         engine = Engine(models, max_batch=8, max_seq=BENCH_MAX_SEQ, knobs=knobs)
         engine.warm_up()
     elif {"flow", "hift"} <= stages:
-        cores = (FlowCore(models.flow, knobs.hop_tokens, knobs.flow_steps, knobs.prompt_kv_mb,
-                          knobs.flow_batch),
-                 HiFTCore(models.hift))  # fmt: skip
+        cores = (flow_core(models, knobs, config), hift_core(models, knobs, config))
         for core in cores:
             core.warm_up()
     results: list[dict] = []

@@ -56,6 +56,12 @@ class Choice:
     why: str
     seconds: Mapping[str, float] = field(default_factory=dict)  # candidate -> s per pass
 
+    @property
+    def ranking(self) -> list[str]:
+        """Candidates fastest first, down to fp32 (what the fidelity gate falls back along)."""
+        order = sorted(self.seconds, key=lambda p: self.seconds[p]) or [self.precision]
+        return order[: order.index("fp32") + 1] if "fp32" in order else order + ["fp32"]
+
 
 def host_key(facts: Mapping[str, Any], threads: int) -> str:
     """What a cached measurement is valid for: the CPU, its ISA, torch, the thread count."""

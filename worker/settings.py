@@ -387,7 +387,6 @@ class Knobs:
         fastest at the stage's shapes, measured once per host; ``measure`` injects timings).
         An explicit bf16 on a CPU without native bf16 is refused (emulated: many times slower).
         """
-        from worker.autotune import choose
         from worker.host import has_native_bf16
 
         stage = _check_stage(stage, PRECISION_STAGES)
@@ -396,15 +395,26 @@ class Knobs:
             raise KnobError([f"{env_var(stage + '_precision')}=bf16: this CPU has no native "
                              "bf16 (AVX512_BF16 or AMX); it would be emulated, many times "
                              "slower than fp32"])  # fmt: skip
+        return self.precision_ranking(stage, cpu_facts, measure)[0]
+
+    def precision_ranking(
+        self, stage: str, cpu_facts: Mapping[str, Any], measure: Callable | None = None
+    ) -> list[str]:
+        """The precisions ``stage`` may run in, preferred first: the stage's own knob alone;
+        fp32 under ``exact``; else ``auto``'s candidates fastest first down to fp32 (the
+        fidelity gate at load takes the first that passes: :mod:`worker.stages.build`)."""
+        from worker.autotune import choose
+
+        chosen = getattr(self, f"{_check_stage(stage, PRECISION_STAGES)}_precision")
         if chosen != "auto":
-            return chosen
+            return [chosen]
         if self.preset == "exact":
-            return "fp32"
+            return ["fp32"]
         kwargs = {} if measure is None else {"measure": measure}
         c = choose(stage, cpu_facts, cache=self.cache_dir / "autotune.json",
                    threads=self.threads(stage), **kwargs)  # fmt: skip
         log.info("%s precision auto -> %s: %s", stage, c.precision, c.why)
-        return c.precision
+        return c.ranking
 
     def resolve_backend(self, stage: str) -> str:
         """``torch`` or ``ort`` for ``stage`` (flow, hift): its knob if set; ``exact`` and

@@ -48,11 +48,123 @@ def run_config(
 
 
 def load_models(
-    model_dir: str | Path, stages: tuple[str, ...], config: Mapping[str, Any]
+    model_dir: str | Path,
+    stages: tuple[str, ...],
+    config: dict[str, Any],
+    knobs: Knobs | None = None,
+    facts: Mapping[str, Any] | None = None,
 ) -> CosyVoice3Models:
-    """``stages`` of ``model_dir`` in the precisions of ``config``."""
-    precision = {s: config.get(f"{s}_precision", "fp32") for s in stages}
-    return load_model_dir(model_dir, stages=stages, precision=precision)
+    """``stages`` of ``model_dir`` in the precisions of ``config``.
+
+    With ``knobs`` (and a preset other than ``exact``) each non-fp32 stage must first pass
+    the fidelity gate against fp32 on a short fixed input (:func:`gate_figures`; the verdict
+    is cached per host and model in ``<COSY_CACHE_DIR>/fidelity.json``): an ``auto`` choice
+    that fails falls back to the next fastest candidate, down to fp32; an explicit setting
+    that fails is refused naming the figures. ``config`` is updated to what was loaded."""
+    if knobs is None or knobs.preset == "exact":
+        precision = {s: config.get(f"{s}_precision", "fp32") for s in stages}
+        return load_model_dir(model_dir, stages=stages, precision=precision)
+    from worker.host import cpu_facts
+
+    facts = cpu_facts() if facts is None else facts
+    models = load_model_dir(model_dir, stages=stages)
+    for stage in stages:
+        chosen = config.get(f"{stage}_precision", "fp32")
+        if chosen == "fp32" or stage == "hift":
+            continue
+        explicit = getattr(knobs, f"{stage}_precision") != "auto"
+        ranking = [chosen] if explicit else knobs.precision_ranking(stage, facts)
+        for p in ranking[ranking.index(chosen) if chosen in ranking else 0 :]:
+            if p == "fp32":
+                break
+            failures = _gate(models, stage, p, knobs)
+            if not failures:
+                break
+            if explicit:
+                raise KnobError([f"COSY_{stage.upper()}_PRECISION={p} fails the fidelity gate "
+                                 f"against fp32: {'; '.join(failures)}"])  # fmt: skip
+            log.warning("%s: %s fails the fidelity gate (%s); trying the next", stage, p,
+                        "; ".join(failures))  # fmt: skip
+            setattr(models, stage, getattr(load_model_dir(model_dir, (stage,)), stage))
+        else:
+            p = "fp32"
+        config[f"{stage}_precision"] = p
+        models.precision[stage] = p
+    return models
+
+
+def _gate(models: CosyVoice3Models, stage: str, precision: str, knobs: Knobs) -> list[str]:
+    """Transform ``stage`` of ``models`` (fp32) to ``precision`` in place and return the
+    gate's failures against fp32 (cached verdicts skip the measuring, not the transform)."""
+    import json
+
+    from worker.autotune import host_key
+    from worker.fidelity import gate_failures
+    from worker.host import cpu_facts
+    from worker.ort import model_fingerprint
+    from worker.precision import apply_precision
+
+    path = knobs.cache_dir / "fidelity.json"
+    weights = models.model_dir / f"{stage}.pt"
+    key = f"{host_key(cpu_facts(), 0)}:{model_fingerprint(weights)[:24]}:{stage}:{precision}"
+    try:
+        cached = json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        cached = None
+    model = getattr(models, stage)
+    if cached is not None:
+        apply_precision(model, stage, precision)
+        return gate_failures(cached)
+    figures = gate_figures(models, stage, precision)
+    log.info("%s: fidelity of %s against fp32: %s", stage, precision, figures)
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data[key] = figures
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1) + "\n")
+    except (OSError, ValueError) as e:
+        log.warning("cannot cache the fidelity verdict in %s: %s", path, e)
+    return gate_failures(figures)
+
+
+def gate_figures(models: CosyVoice3Models, stage: str, precision: str) -> dict[str, float]:
+    """The stage's gated figure on a fixed seeded input, fp32 first, then transformed to
+    ``precision`` in place: LLM top-1 (and KL) over 100 teacher-forced tokens, flow mel SNR
+    over a 2 s stream with a 2 s prompt."""
+    import torch
+
+    from worker.fidelity import snr_db, teacher_forced_logp, top1_and_kl
+    from worker.precision import apply_precision
+
+    cfg, g = models.config, torch.Generator().manual_seed(1234)
+    model = getattr(models, stage)
+    with torch.inference_mode():
+        if stage == "llm":
+            vocab = min(5000, cfg.llm.qwen.vocab_size)
+            text = torch.randint(0, vocab, (1, 20), generator=g)
+            prompt = torch.randint(0, cfg.llm.speech_token_size, (1, 50), generator=g)
+            tokens = torch.randint(0, cfg.llm.speech_token_size, (100,), generator=g)
+
+            def run():
+                return teacher_forced_logp(model, model.build_lm_input(text, None, prompt), tokens)
+
+            ref = run()
+            apply_precision(model, stage, precision)
+            top1, kl = top1_and_kl(ref, run())
+            return {"top1": top1, "kl": kl}
+        from worker.flow_stream import FlowStream
+
+        prompt = torch.randint(0, cfg.flow.vocab_size, (1, 50), generator=g)
+        feat = torch.randn(1, 100, cfg.flow.output_size, generator=g)
+        emb = torch.randn(1, cfg.flow.spk_embed_dim, generator=g)
+        tokens = torch.randint(0, cfg.flow.vocab_size, (1, 50), generator=g)
+
+        def run():
+            return FlowStream(model, prompt, feat, emb).push(tokens, finalize=True)
+
+        ref = run()
+        apply_precision(model, stage, precision)
+        return {"mel_snr_db": snr_db(ref, run())}
 
 
 def llm_core(models: CosyVoice3Models, knobs: Knobs, config: Mapping[str, Any]):

@@ -66,9 +66,9 @@ def build_core(stage: str, model_dir: str | Path, knobs: Knobs):
     from worker.stages import build
 
     config = build.run_config(knobs, stages=(stage,))
+    models = build.load_models(model_dir, (stage,), config, knobs)  # the fidelity gate
     log.info("%s: running %s", stage, {k: v for k, v in config.items()
                                        if k.startswith(stage) or k == "preset"})  # fmt: skip
-    models = build.load_models(model_dir, (stage,), config)
     return getattr(build, f"{stage}_core")(models, knobs, config)
 
 
